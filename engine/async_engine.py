@@ -1,0 +1,132 @@
+"""Asynchronous front of the engine: requests come from asyncio, steps run in one background thread.
+
+The event loop never waits on a model step: adds and aborts go through an inbox that the engine thread
+drains between steps, and outputs come back with one `call_soon_threadsafe` per loop per step.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections import defaultdict
+from typing import AsyncIterator
+
+from engine.engine_core import EngineCore
+from engine.outputs import DeltaOutput
+from engine.sampling_params import SamplingParams
+
+log = logging.getLogger("exaserve.engine")
+
+
+class AsyncEngine:
+    def __init__(self, model: str, **engine_args):
+        self.core = EngineCore(model, **engine_args)
+        self.tokenizer = self.core.tokenizer
+        self.model_config = self.core.model_config
+        self.max_model_len = self.core.max_model_len
+        self.generation_defaults = self.core.generation_defaults
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="exaserve-engine", daemon=True)
+        self._thread.start()
+
+    async def add_request(self, request_id: str, prompt_token_ids: list[int],
+                          params: SamplingParams) -> AsyncIterator[DeltaOutput]:
+        """Yields the request's deltas; leaving early (disconnect, cancellation) aborts it."""
+        self.core.validate(prompt_token_ids, params)
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in flight")
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), q)
+        self._send(("add", request_id, prompt_token_ids, params))
+        finished = False
+        try:
+            while not finished:
+                d = await q.get()
+                if isinstance(d, BaseException):
+                    raise d
+                finished = d.finished
+                yield d
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._send(("abort", request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    def stats(self) -> dict:
+        return self.core.stats()
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def _send(self, msg) -> None:
+        self._inbox.put(msg)
+        self._wake.set()
+
+    # -- engine thread ----------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopped:
+            self._drain_inbox()
+            if not self.core.has_unfinished():
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                deltas = self.core.step()
+            except Exception as e:  # a bug in a step must not kill the server: fail what was in flight
+                log.exception("engine step failed")
+                self._fail_all(e)
+                continue
+            self._dispatch(deltas)
+
+    def _drain_inbox(self) -> None:
+        out = []
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if msg[0] == "add":
+                _, rid, ids, params = msg
+                if rid not in self._streams:            # the client left before the engine saw it
+                    continue
+                try:
+                    self.core.add_request(rid, ids, params, validated=True)
+                except ValueError as e:
+                    self._post(rid, e)
+            else:
+                d = self.core.abort(msg[1])
+                if d is not None:
+                    out.append(d)
+        self._dispatch(out)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for rid in list(self.core.requests):
+            self.core.abort(rid)
+            self._post(rid, RuntimeError(f"engine error: {exc}"))
+
+    def _post(self, rid: str, item) -> None:
+        stream = self._streams.get(rid)
+        if stream is not None:
+            stream[0].call_soon_threadsafe(stream[1].put_nowait, item)
+
+    def _dispatch(self, deltas: list[DeltaOutput]) -> None:
+        per_loop = defaultdict(list)
+        for d in deltas:
+            stream = self._streams.get(d.request_id)
+            if stream is not None:
+                per_loop[stream[0]].append((stream[1], d))
+        for loop, items in per_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items) -> None:
+    for q, d in items:
+        q.put_nowait(d)

@@ -1,0 +1,146 @@
+"""Model configuration of an `exaone_moe` checkpoint (config.json + generation_config.json)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    layer_types: list[str]          # "sliding" | "full" per layer
+    mlp_types: list[str]            # "dense" | "sparse" per layer
+    sliding_window: int | None
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 2048
+    num_experts: int = 0
+    top_k: int = 0
+    num_shared_experts: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    num_mtp_layers: int = 0
+    bos_token_id: int | None = 1
+    pad_token_id: int | None = 0
+    eos_token_ids: list[int] = field(default_factory=list)
+    generation_defaults: dict = field(default_factory=dict)
+
+    @property
+    def sliding_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_types) if t == "sliding"]
+
+    @property
+    def full_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_types) if t == "full"]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        if d.get("model_type") != "exaone_moe":
+            raise ConfigError(f"model_type is {d.get('model_type')!r}; exaserve serves only 'exaone_moe' checkpoints")
+        try:
+            n_layers = int(d["num_hidden_layers"])
+            hidden = int(d["hidden_size"])
+            heads = int(d["num_attention_heads"])
+            kv_heads = int(d.get("num_key_value_heads") or heads)
+            vocab = int(d["vocab_size"])
+        except KeyError as e:
+            raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None
+        head_dim = int(d.get("head_dim") or hidden // heads)
+        if heads % kv_heads:
+            raise ConfigError(f"num_attention_heads ({heads}) is not divisible by num_key_value_heads ({kv_heads})")
+
+        window = d.get("sliding_window")
+        layer_types = _layer_types(d, n_layers, window)
+        if "sliding" in layer_types and not window:
+            raise ConfigError("layer_types has sliding layers but sliding_window is not set")
+
+        mlp_types = d.get("mlp_layer_types")
+        if mlp_types is None:
+            k = int(d.get("first_k_dense_replace", 1))
+            mlp_types = ["dense" if i < k else "sparse" for i in range(n_layers)]
+        if len(mlp_types) != n_layers or set(mlp_types) - {"dense", "sparse"}:
+            raise ConfigError(f"mlp_layer_types must list 'dense'/'sparse' for each of {n_layers} layers: {mlp_types}")
+
+        num_experts = int(d.get("num_experts") or 0)
+        top_k = int(d.get("num_experts_per_tok") or 0)
+        n_group, topk_group = int(d.get("n_group") or 1), int(d.get("topk_group") or 1)
+        if "sparse" in mlp_types:
+            if num_experts < 1 or not 1 <= top_k <= num_experts:
+                raise ConfigError(f"MoE layers need 1 <= num_experts_per_tok ({top_k}) <= num_experts ({num_experts})")
+            if num_experts % n_group or not 1 <= topk_group <= n_group:
+                raise ConfigError(f"invalid expert groups: n_group={n_group}, topk_group={topk_group}, "
+                                  f"num_experts={num_experts}")
+
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope_theta = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise ConfigError(f"unsupported rope_type {rope_type!r} (only the default RoPE is implemented)")
+
+        eos = d.get("eos_token_id")
+        eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+        return cls(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=int(d.get("intermediate_size", 0)),
+            moe_intermediate_size=int(d.get("moe_intermediate_size", 0)), num_layers=n_layers, num_heads=heads,
+            num_kv_heads=kv_heads, head_dim=head_dim, layer_types=layer_types, mlp_types=list(mlp_types),
+            sliding_window=int(window) if window else None, rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+            max_position_embeddings=int(d.get("max_position_embeddings", 2048)), num_experts=num_experts,
+            top_k=top_k, num_shared_experts=int(d.get("num_shared_experts", 1) or 0),
+            norm_topk_prob=bool(d.get("norm_topk_prob", True)),
+            routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)), n_group=n_group,
+            topk_group=topk_group, tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            rope_theta=rope_theta, num_mtp_layers=int(d.get("num_nextn_predict_layers", 0) or 0),
+            bos_token_id=d.get("bos_token_id"), pad_token_id=d.get("pad_token_id"), eos_token_ids=eos_ids,
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise ConfigError(f"no config.json in {path}")
+        cfg = cls.from_dict(json.loads(cfg_file.read_text()))
+        gen_file = path / "generation_config.json"
+        if gen_file.is_file():
+            gen = json.loads(gen_file.read_text())
+            eos = gen.get("eos_token_id")
+            extra = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+            cfg.eos_token_ids += [int(e) for e in extra if int(e) not in cfg.eos_token_ids]
+            cfg.generation_defaults = {k: gen[k] for k in ("temperature", "top_p", "top_k", "min_p",
+                                                           "repetition_penalty", "presence_penalty",
+                                                           "frequency_penalty") if gen.get(k) is not None}
+        return cfg
+
+
+def _layer_types(d: dict, n_layers: int, window) -> list[str]:
+    names = {"sliding_attention": "sliding", "full_attention": "full", "sliding": "sliding", "full": "full"}
+    explicit = d.get("layer_types")
+    if explicit is not None:
+        if len(explicit) != n_layers or any(t not in names for t in explicit):
+            raise ConfigError(f"layer_types must name sliding_attention/full_attention for each of {n_layers} "
+                              f"layers: {explicit}")
+        return [names[t] for t in explicit]
+    pattern = d.get("sliding_window_pattern")
+    if not window or pattern is None or pattern == 0:
+        return ["full"] * n_layers
+    if isinstance(pattern, str):
+        if not pattern or set(pattern) - {"L", "G"}:
+            raise ConfigError(f"sliding_window_pattern string must use only 'L' and 'G': {pattern!r}")
+        return ["sliding" if pattern[i % len(pattern)] == "L" else "full" for i in range(n_layers)]
+    p = int(pattern)
+    return ["sliding" if (i + 1) % p else "full" for i in range(n_layers)]

@@ -1,0 +1,164 @@
+"""EXAONE-MoE on one flat batch of tokens (no padding), attention through the two KV pools.
+
+Parameter layout differs from the checkpoint where the kernels want it: q/k/v rows fused into `qkv`,
+gate/up rows fused into `gate_up`, experts stacked into `w13 [E, 2I, H]` and `w2 [E, H, I]`
+(engine/loader.py maps the on-disk names).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from engine.config import ModelConfig
+
+
+@dataclass
+class AttnMetadata:
+    """Where each token of a flat batch belongs; built by the runner once per step."""
+    query_start_loc: torch.Tensor   # [S+1] int32: tokens of sequence s are rows qsl[s]:qsl[s+1]
+    context_lens: torch.Tensor      # [S] tokens already in the cache before this step
+    seq_lens: torch.Tensor          # [S] context after this step
+    block_tables: torch.Tensor      # [S, max_blocks] int32 (global layers)
+    slot_mapping: torch.Tensor      # [T] int64 flat paged slot of each token
+    ring_slots: torch.Tensor        # [S] int64 ring slot of each sequence (sliding layers)
+    ring_mapping: torch.Tensor      # [T] int64 flat ring row of each token, -1 = not stored
+
+
+def _param(*shape, dtype):
+    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, width: int, dtype):
+        super().__init__()
+        self.gate_up = _param(2 * width, hidden, dtype=dtype)
+        self.down = _param(hidden, width, dtype=dtype)
+
+    def forward(self, x):
+        return F.linear(kernels.silu_and_mul(F.linear(x, self.gate_up)), self.down)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype):
+        super().__init__()
+        self.cfg = cfg
+        E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.router = _param(E, H, dtype=torch.float32)
+        self.bias = _param(E, dtype=torch.float32)
+        self.w13 = _param(E, 2 * I, H, dtype=dtype)
+        self.w2 = _param(E, H, I, dtype=dtype)
+        self.shared = MLP(H, I * cfg.num_shared_experts, dtype) if cfg.num_shared_experts else None
+
+    def forward(self, x):
+        c = self.cfg
+        weights, ids = kernels.moe_route(x, self.router, self.bias, c.top_k, c.n_group, c.topk_group,
+                                         c.norm_topk_prob, c.routed_scaling_factor)
+        out = kernels.fused_moe(x, self.w13, self.w2, weights, ids)
+        return out + self.shared(x) if self.shared is not None else out
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, sliding: bool, dtype):
+        super().__init__()
+        self.nq, self.nkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.sliding = sliding
+        self.use_rope = sliding or cfg.sliding_window is None   # global layers are NoPE when windows exist
+        self.window = cfg.sliding_window
+        self.eps = cfg.rms_norm_eps
+        self.scale = self.d ** -0.5
+        self.qkv = _param((self.nq + 2 * self.nkv) * self.d, cfg.hidden_size, dtype=dtype)
+        self.o = _param(cfg.hidden_size, self.nq * self.d, dtype=dtype)
+        self.q_norm = _param(self.d, dtype=dtype)
+        self.k_norm = _param(self.d, dtype=dtype)
+
+    def forward(self, x, positions, meta: AttnMetadata, k_cache, v_cache, rope):
+        T = x.shape[0]
+        q, k, v = F.linear(x, self.qkv).split([self.nq * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
+        q = kernels.rms_norm(q.reshape(T, self.nq, self.d), self.q_norm, self.eps)
+        k = kernels.rms_norm(k.reshape(T, self.nkv, self.d), self.k_norm, self.eps)
+        v = v.reshape(T, self.nkv, self.d)
+        if self.use_rope:
+            q = kernels.rope(q, positions, *rope)
+            k = kernels.rope(k, positions, *rope)
+        if self.sliding:
+            # Attend first, then store: a chunk longer than ring_len - window would overwrite rows that its
+            # own earlier queries still read.
+            o = kernels.ring_attention(q, k, v, k_cache, v_cache, meta.ring_slots, meta.query_start_loc,
+                                       meta.context_lens, self.window, self.scale)
+            kernels.write_kv(k, v, k_cache, v_cache, meta.ring_mapping)
+        else:
+            kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+            o = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                        meta.query_start_loc, self.scale)
+        return F.linear(o.reshape(T, self.nq * self.d), self.o)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, sliding: bool, sparse: bool, dtype, dense_width: int | None = None):
+        super().__init__()
+        self.eps = cfg.rms_norm_eps
+        self.sliding = sliding
+        self.input_norm = _param(cfg.hidden_size, dtype=dtype)
+        self.post_norm = _param(cfg.hidden_size, dtype=dtype)
+        self.attn = Attention(cfg, sliding, dtype)
+        self.mlp = MoE(cfg, dtype) if sparse else MLP(cfg.hidden_size, dense_width or cfg.intermediate_size, dtype)
+
+    def forward(self, x, positions, meta, k_cache, v_cache, rope):
+        a = self.attn(kernels.rms_norm(x, self.input_norm, self.eps), positions, meta, k_cache, v_cache, rope)
+        h, x = kernels.add_rms_norm(a, x, self.post_norm, self.eps)
+        return x + self.mlp(h)
+
+
+class MTPBlock(nn.Module):
+    """Multi-token-prediction block: fc(cat(norm(embed(t_{i+1})), norm(h_i))) -> one dense decoder layer."""
+
+    def __init__(self, cfg: ModelConfig, dtype):
+        super().__init__()
+        H = cfg.hidden_size
+        self.norm_embedding = _param(H, dtype=dtype)
+        self.norm_hidden = _param(H, dtype=dtype)
+        self.fc = _param(H, 2 * H, dtype=dtype)
+        self.layer = DecoderLayer(cfg, sliding=True, sparse=False, dtype=dtype)
+        self.norm = _param(H, dtype=dtype)
+
+
+class ExaoneMoeModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype=torch.float32, with_mtp: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        self.eps = cfg.rms_norm_eps
+        self.embed = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, cfg.layer_types[i] == "sliding", cfg.mlp_types[i] == "sparse", dtype)
+            for i in range(cfg.num_layers))
+        self.norm = _param(cfg.hidden_size, dtype=dtype)
+        self.lm_head = self.embed if cfg.tie_word_embeddings else _param(cfg.vocab_size, cfg.hidden_size,
+                                                                         dtype=dtype)
+        self.mtp = MTPBlock(cfg, dtype) if with_mtp else None
+        # pool index of each layer: sliding layers index the ring pool, global layers the paged pool
+        self.pool_index = [cfg.sliding_layers.index(i) if t == "sliding" else cfg.full_layers.index(i)
+                           for i, t in enumerate(cfg.layer_types)]
+        self.rope = None
+
+    def init_rope(self, max_positions: int, device):
+        d = self.cfg.head_dim
+        inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+        freqs = torch.arange(max_positions, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
+        self.rope = (freqs.cos(), freqs.sin())
+
+    @torch.inference_mode()
+    def forward(self, input_ids, positions, meta: AttnMetadata, kv) -> torch.Tensor:
+        """Returns the final-normed hidden states [T, H] (the lm_head input; MTP drafts from them too)."""
+        x = self.embed[input_ids]
+        for layer, idx in zip(self.layers, self.pool_index):
+            pool = kv.ring if layer.sliding else kv.paged
+            x = layer(x, positions, meta, pool.k[idx], pool.v[idx], self.rope)
+        return kernels.rms_norm(x, self.norm, self.eps)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head).float()

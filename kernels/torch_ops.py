@@ -1,0 +1,158 @@
+"""Reference (torch) implementations of every compute op.
+
+These are the CPU path and the numerical reference the Triton kernels are tested against. Each op has the
+same signature as its public function in `kernels/__init__.py`.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """Returns (rms_norm(x + residual), x + residual): the pre-norm block's residual update fused with its norm."""
+    s = x + residual
+    return rms_norm(s, weight, eps), s
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """NeoX rotate-half RoPE over the full head dim. x [T, n, d]; cos/sin [max_pos, d/2] fp32 tables."""
+    half = x.shape[-1] // 2
+    c = cos[positions].to(x.dtype)[:, None, :]
+    s = sin[positions].to(x.dtype)[:, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [T, 2I] holding gate then up -> silu(gate) * up [T, I]."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def moe_route(x, gate_weight, bias, top_k: int, n_group: int = 1, topk_group: int = 1,
+              norm_topk_prob: bool = True, scaling: float = 1.0):
+    """Sigmoid router with a selection-only correction bias (fp32).
+
+    Returns (weights fp32 [T, k], expert ids int64 [T, k]).
+    """
+    scores = torch.sigmoid(F.linear(x.float(), gate_weight.float()))
+    choice = scores + bias
+    if n_group > 1:
+        T, E = choice.shape
+        grouped = choice.view(T, n_group, E // n_group)
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, group_scores.topk(topk_group, dim=-1).indices, True)
+        choice = choice.masked_fill(~keep.repeat_interleave(E // n_group, dim=1), float("-inf"))
+    ids = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * scaling, ids
+
+
+def fused_moe(x, w13, w2, topk_weights, topk_ids):
+    """Routed experts: sum_k w_k * down_e(silu(gate_e x) * up_e x), accumulated in fp32.
+
+    x [T, H]; w13 [E, 2I, H] (gate rows first); w2 [E, H, I]; topk_weights fp32 [T, k]; topk_ids [T, k].
+    """
+    T, k = topk_ids.shape
+    flat_ids = topk_ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    token_of = order // k
+    xs = x[token_of]
+    routed = torch.empty(T * k, x.shape[1], dtype=torch.float32, device=x.device)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        end = start + n
+        h = silu_and_mul(F.linear(xs[start:end], w13[e]))
+        routed[start:end] = F.linear(h, w2[e]).float()
+        start = end
+    routed *= topk_weights.reshape(-1)[order, None]
+    out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
+    out.index_add_(0, token_of, routed)
+    return out.to(x.dtype)
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping):
+    """Store k/v [T, nkv, d] at flat slots of a cache [..., slots_per_row, nkv, d]; slot -1 = skip the token."""
+    kc = k_cache.view(-1, *k_cache.shape[-2:])
+    vc = v_cache.view(-1, *v_cache.shape[-2:])
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    kc.index_copy_(0, slot_mapping, k)
+    vc.index_copy_(0, slot_mapping, v)
+
+
+def _attend(q, k, v, mask, scale):
+    """q [lq, nq, d]; k/v [lk, nkv, d]; mask [lq, lk] bool (True = visible) -> [lq, nq, d]."""
+    lq, nq, d = q.shape
+    nkv = k.shape[1]
+    g = nq // nkv
+    qh = q.view(lq, nkv, g, d).permute(1, 2, 0, 3)            # [nkv, g, lq, d]
+    kh = k.permute(1, 2, 0)[:, None]                             # [nkv, 1, d, lk]
+    vh = v.permute(1, 0, 2)[:, None]                             # [nkv, 1, lk, d]
+    scores = torch.matmul(qh, kh) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(probs, vh)                                # [nkv, g, lq, d]
+    return out.permute(2, 0, 1, 3).reshape(lq, nq, d)
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale):
+    """Causal attention of each sequence's new queries over its whole paged context (global layers, no RoPE).
+
+    q [T, nq, d]; k/v_cache [num_blocks, block_size, nkv, d] already holding this step's keys;
+    block_tables [S, max_blocks]; seq_lens [S] = context length after this step; query_start_loc [S+1].
+    """
+    out = torch.empty_like(q)
+    bs = k_cache.shape[1]
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for s, L in enumerate(lens):
+        a, b = starts[s], starts[s + 1]
+        if a == b:
+            continue
+        blocks = block_tables[s, : (L + bs - 1) // bs].long()
+        k = k_cache[blocks].flatten(0, 1)[:L]
+        v = v_cache[blocks].flatten(0, 1)[:L]
+        qpos = torch.arange(L - (b - a), L, device=q.device)
+        mask = torch.arange(L, device=q.device)[None, :] <= qpos[:, None]
+        out[a:b] = _attend(q[a:b], k, v, mask, scale)
+    return out
+
+
+def ring_attention(q, k, v, k_ring, v_ring, ring_slots, query_start_loc, context_lens, window: int, scale):
+    """Sliding-window attention: keys of earlier steps come from the ring, this chunk's from k/v.
+
+    q [T, nq, d]; k/v [T, nkv, d] (this step, RoPE applied); k/v_ring [num_slots, ring_len, nkv, d], where
+    position p of a sequence lives at row p % ring_len of its slot; context_lens [S] = tokens before this
+    step. A query at position p sees keys p-window+1 .. p.
+    """
+    out = torch.empty_like(q)
+    ring_len = k_ring.shape[1]
+    starts = query_start_loc.tolist()
+    ctx = context_lens.tolist()
+    slots = ring_slots.tolist()
+    for s, c in enumerate(ctx):
+        a, b = starts[s], starts[s + 1]
+        if a == b:
+            continue
+        n_old = min(c, window - 1)
+        old_pos = torch.arange(c - n_old, c, device=q.device)
+        rows = old_pos % ring_len
+        kk = torch.cat((k_ring[slots[s], rows], k[a:b]))
+        vv = torch.cat((v_ring[slots[s], rows], v[a:b]))
+        kpos = torch.arange(c - n_old, c + (b - a), device=q.device)
+        qpos = torch.arange(c, c + (b - a), device=q.device)
+        mask = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - window)
+        out[a:b] = _attend(q[a:b], kk, vv, mask, scale)
+    return out
