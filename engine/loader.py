@@ -1,8 +1,9 @@
 """Safetensors checkpoint loader (single file or sharded), one tensor at a time.
 
-Parameters are allocated once on the target device; each on-disk tensor is read, checked and copied into
-its place (a row range of a fused matrix, one expert of a stacked tensor), then dropped, so peak host memory
-stays near the size of the final weights.
+Parameters are allocated once on the target device; each on-disk tensor is read straight into its place (a
+row range of a fused matrix, one expert of a stacked tensor), through a temporary buffer only when the dtype
+or device differs. Files are read with plain reads rather than mmap, so pages of the checkpoint never count
+towards the process's resident memory: peak host memory stays near the size of the final weights.
 """
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from engine.config import ModelConfig
 from engine.model import DecoderLayer, ExaoneMoeModel, MoE
 
+ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IGNORABLE = re.compile(r".*rotary_emb\.inv_freq$|.*\.rotary_emb\..*")
@@ -33,17 +36,50 @@ def resolve_dtype(dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def checkpoint_files(path: Path) -> dict[str, Path]:
+class SafetensorsFile:
+    """The header of one .safetensors file, and reads of single tensors into given memory."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        self.data_start = 8 + n
+        self.entries = header
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def read_into(self, f, name: str, dst: torch.Tensor) -> None:
+        e = self.entries[name]
+        dtype = ST_DTYPES.get(e["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"tensor {name!r} has unsupported dtype {e['dtype']}")
+        begin, end = e["data_offsets"]
+        direct = dst.dtype == dtype and dst.device.type == "cpu" and dst.is_contiguous()
+        buf = dst if direct else torch.empty(dst.shape, dtype=dtype)
+        if end - begin != buf.numel() * buf.element_size():
+            raise CheckpointError(f"tensor {name!r}: {end - begin} bytes on disk do not match its shape")
+        f.seek(self.data_start + begin)
+        if f.readinto(memoryview(buf.view(-1).view(torch.uint8).numpy())) != end - begin:
+            raise CheckpointError(f"tensor {name!r} is truncated in {self.path.name}")
+        if not direct:
+            dst.copy_(buf)
+
+
+def checkpoint_files(path: Path) -> dict[str, SafetensorsFile]:
     """Tensor name -> the safetensors file that holds it."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: path / f for name, f in weight_map.items()}
+        files = {f: SafetensorsFile(path / f) for f in set(weight_map.values())}
+        return {name: files[f] for name, f in weight_map.items()}
     single = path / "model.safetensors"
     if not single.is_file():
         raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
-    with safe_open(single, framework="pt") as f:
-        return {name: single for name in f.keys()}
+    st = SafetensorsFile(single)
+    return {name: st for name in st.entries}
 
 
 def _layer_targets(prefix: str, layer: DecoderLayer, cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -109,26 +145,24 @@ def load_model(path: str | Path, dtype="float32", device="cpu", cfg: ModelConfig
     targets = weight_targets(model)
     ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
 
-    by_file: dict[Path, list[str]] = {}
-    for name, f in files.items():
+    by_file: dict[SafetensorsFile, list[str]] = {}
+    for name, st in files.items():
         if name not in targets:
             if name in ignorable or IGNORABLE.match(name):
                 continue
-            raise CheckpointError(f"unexpected tensor {name!r} in {f.name}: it has no place in an exaone_moe model "
-                                  f"with this config.json")
-        by_file.setdefault(f, []).append(name)
+            raise CheckpointError(f"unexpected tensor {name!r} in {st.path.name}: it has no place in an exaone_moe "
+                                  f"model with this config.json")
+        if st.shape(name) != tuple(targets[name].shape):
+            raise CheckpointError(f"tensor {name!r} has shape {list(st.shape(name))} but the config needs "
+                                  f"{list(targets[name].shape)}")
+        by_file.setdefault(st, []).append(name)
     missing = sorted(set(targets) - set(files))
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"missing tensor {missing[0]!r}{more} in checkpoint {path}")
 
-    for f, names in by_file.items():
-        with safe_open(f, framework="pt") as sf:
-            for name in names:
-                dst = targets[name]
-                shape = tuple(sf.get_slice(name).get_shape())
-                if shape != tuple(dst.shape):
-                    raise CheckpointError(f"tensor {name!r} has shape {list(shape)} but the config needs "
-                                          f"{list(dst.shape)}")
-                dst.copy_(sf.get_tensor(name))
+    for st, names in by_file.items():
+        with open(st.path, "rb") as f:
+            for name in sorted(names, key=lambda n: st.entries[n]["data_offsets"][0]):
+                st.read_into(f, name, targets[name])
     return model
