@@ -1,0 +1,52 @@
+"""AsyncEngine: concurrent streams equal the offline results; leaving a stream early aborts its request."""
+import asyncio
+
+import pytest
+
+from engine import AsyncEngine, LLM, SamplingParams
+from engine.tiny import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_async")))
+
+
+def test_concurrent_streams_match_offline_and_abort_frees(tiny):
+    prompts = [[60 + i, 70 + 2 * i, 80] * (1 + i % 5) for i in range(12)]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    offline = [o.outputs[0].token_ids for o in LLM(tiny, dtype="float32").generate(prompts, params)]
+    engine = AsyncEngine(tiny, dtype="float32", max_num_seqs=8, max_num_batched_tokens=32)
+
+    async def collect(i, p):
+        ids, text, last = [], [], None
+        async for d in engine.add_request(f"r{i}", p, params):
+            ids += d.token_ids
+            text.append(d.text)
+            last = d
+        assert last.finished and last.finish_reason == "length" and last.num_output_tokens == 10
+        return ids
+
+    async def leave_early():
+        async for d in engine.add_request("leaver", [5, 6, 7], SamplingParams(max_tokens=500, ignore_eos=True)):
+            if d.num_output_tokens >= 3:
+                break
+
+    async def main():
+        results = await asyncio.gather(*(collect(i, p) for i, p in enumerate(prompts)), leave_early())
+        with pytest.raises(ValueError, match="max_model_len"):
+            async for _ in engine.add_request("too-long", [5] * 10, SamplingParams(max_tokens=10 ** 6)):
+                pass
+        for _ in range(200):                 # the abort reaches the engine thread asynchronously
+            s = engine.stats()
+            if s["aborted"] == 1 and s["running"] == 0:
+                break
+            await asyncio.sleep(0.02)
+        return results[:-1]
+
+    try:
+        assert asyncio.run(main()) == offline
+        s = engine.stats()
+        assert s["aborted"] == 1 and s["blocks_used"] == 0 and s["ring_slots_used"] == 0
+    finally:
+        engine.shutdown()
