@@ -34,7 +34,8 @@ def _checkpoint_dtype(path: Path) -> str:
 class EngineCore:
     def __init__(self, model: str | Path, *, dtype: str = "auto", device: str = "auto", max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 kv_cache_memory: int | None = None, block_size: int = 16):
+                 kv_cache_memory: int | None = None, block_size: int = 16, num_speculative_tokens: int = 0,
+                 spec_max_batch_size: int = 32):
         path = Path(model)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -46,18 +47,26 @@ class EngineCore:
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
 
+        if not 0 <= num_speculative_tokens <= 4:
+            raise ValueError(f"num_speculative_tokens must be 0..4, got {num_speculative_tokens}")
         t0 = time.monotonic()
         self.model = load_model(path, self.dtype, self.device, cfg)
+        if num_speculative_tokens and self.model.mtp is None:
+            raise ValueError(f"num_speculative_tokens={num_speculative_tokens} needs the checkpoint's MTP block "
+                             f"(mtp.* tensors), and {path} has none; use num_speculative_tokens=0")
+        self.num_spec_tokens = num_speculative_tokens
         self.model.init_rope(self.max_model_len, self.device)
         self.load_seconds = time.monotonic() - t0
         if kv_cache_memory is None:
             kv_cache_memory = self._default_kv_memory()
         self.kv = KVCache.create(cfg, kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
-                                 max_model_len=self.max_model_len, block_size=block_size, dtype=self.dtype,
+                                 max_model_len=self.max_model_len, block_size=block_size,
+                                 max_rollback=num_speculative_tokens,
+                                 extra_ring_layers=1 if num_speculative_tokens else 0, dtype=self.dtype,
                                  device=self.device)
         self.scheduler = Scheduler(self.kv, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len)
-        self.runner = ModelRunner(self.model, self.kv, self.device)
+        self.runner = ModelRunner(self.model, self.kv, self.device, num_speculative_tokens, spec_max_batch_size)
         self.requests: dict[str, Request] = {}
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0, "aborted": 0, "steps": 0}
 
@@ -121,21 +130,25 @@ class EngineCore:
         batch = self.scheduler.schedule()
         if not batch.requests:
             return []
-        sampled = self.runner.execute(batch)
+        result = self.runner.execute(batch)
         self.counters["steps"] += 1
-        deltas, k = [], 0
-        for req, n in zip(batch.requests, batch.num_new_tokens):
-            samples = req.num_computed_tokens + n == req.num_tokens
-            req.num_computed_tokens += n
+        deltas = []
+        for s, (req, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+            # rejected drafts roll back: their KV positions are overwritten by later steps
+            req.num_computed_tokens += n - result.num_rejected[s]
             if req.num_computed_tokens <= len(req.prompt_token_ids):
                 self.counters["prompt_tokens"] += n
-            if not samples:
+            if not result.tokens[s]:
                 continue
-            self._append(req, sampled.token_ids[k], sampled.logprobs[k])
-            k += 1
+            for token, lp in zip(result.tokens[s], result.logprobs[s]):
+                self._append(req, token, lp)
+                if req.finished:              # a stop inside accepted drafts drops the tokens after it
+                    break
             deltas.append(self._delta(req))
             if req.finished:
                 del self.requests[req.request_id]
+        if self.num_spec_tokens:
+            self.runner.propose(batch, result)
         return deltas
 
     def _append(self, req: Request, token: int, logprobs: dict | None) -> None:
@@ -174,4 +187,5 @@ class EngineCore:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "blocks_used": kv.paged.num_used, "blocks_total": kv.paged.num_blocks,
                 "ring_slots_used": kv.ring.num_used, "ring_slots_total": kv.ring.num_slots,
-                "preemptions": self.scheduler.num_preemptions, **self.counters}
+                "preemptions": self.scheduler.num_preemptions, **self.counters,
+                **(self.runner.spec_stats.as_dict() if self.num_spec_tokens else {})}

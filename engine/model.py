@@ -114,7 +114,10 @@ class DecoderLayer(nn.Module):
 
 
 class MTPBlock(nn.Module):
-    """Multi-token-prediction block: fc(cat(norm(embed(t_{i+1})), norm(h_i))) -> one dense decoder layer."""
+    """Multi-token-prediction block: fc(cat(norm(embed(t_{i+1})), norm(h_i))) -> one dense decoder layer.
+
+    Its attention is a sliding-window layer with RoPE whose KV lives in one extra layer of the ring pool.
+    """
 
     def __init__(self, cfg: ModelConfig, dtype):
         super().__init__()
@@ -162,3 +165,16 @@ class ExaoneMoeModel(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head).float()
+
+    @torch.inference_mode()
+    def mtp_forward(self, next_ids, hidden, positions, meta: AttnMetadata, kv) -> torch.Tensor:
+        """Draft step at positions i: inputs t_{i+1} and h_i (final-normed hidden of the main model, or of the
+        previous draft step when chaining). Returns the MTP's final-normed output, whose logits predict
+        t_{i+2} and which is the `h` of the next chained step."""
+        m = self.mtp
+        x = torch.cat((kernels.rms_norm(self.embed[next_ids], m.norm_embedding, self.eps),
+                       kernels.rms_norm(hidden, m.norm_hidden, self.eps)), dim=-1)
+        x = F.linear(x, m.fc)
+        ring = len(self.cfg.sliding_layers)          # the ring pool's extra last layer
+        x = m.layer(x, positions, meta, kv.ring.k[ring], kv.ring.v[ring], self.rope)
+        return kernels.rms_norm(x, m.norm, self.eps)

@@ -1,63 +1,165 @@
-"""Turns a scheduled batch into flat tensors, runs the model once, samples."""
+"""Turns a scheduled batch into flat tensors, runs the model once, samples or verifies drafts, drafts."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from engine.kv_cache import KVCache
 from engine.model import AttnMetadata, ExaoneMoeModel
-from engine.sampler import Sampler, SamplerOutput, SamplingRow
+from engine.request import Request
+from engine.sampler import Sampler, SamplingRow
 from engine.scheduler import ScheduledBatch
+from engine.spec_decode import SpecStats, verify
+
+
+@dataclass
+class StepResult:
+    """Per scheduled request, in batch order: the tokens it emits this step (empty while a prompt is still
+    being prefilled), their logprobs, and how many drafts were rejected (their KV positions are void)."""
+    tokens: list[list[int]]
+    logprobs: list[list[dict | None]]
+    num_rejected: list[int]
+
+
+def _row(r: Request) -> SamplingRow:
+    return SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator, r.eos_token_ids)
 
 
 class ModelRunner:
-    def __init__(self, model: ExaoneMoeModel, kv: KVCache, device):
+    def __init__(self, model: ExaoneMoeModel, kv: KVCache, device, num_spec_tokens: int = 0,
+                 spec_max_batch_size: int = 32):
         self.model = model
         self.kv = kv
         self.device = torch.device(device)
         self.sampler = Sampler(device=self.device)
+        self.num_spec_tokens = num_spec_tokens
+        self.spec_max_batch_size = spec_max_batch_size
+        self.spec_stats = SpecStats(num_spec_tokens)
+        self._hidden = None
+
+    def _t(self, x, dtype=torch.int64):
+        return torch.tensor(x, dtype=dtype, device=self.device)
+
+    def _metadata(self, reqs, starts, counts, tables=None, slots=None) -> AttnMetadata:
+        """Attention metadata for chunks [starts[s], starts[s] + counts[s]) of each request."""
+        ring_len = self.kv.ring.ring_len
+        qsl, ring_rows = [0], []
+        for r, start, n in zip(reqs, starts, counts):
+            qsl.append(qsl[-1] + n)
+            # only a chunk's last ring_len tokens survive in the ring; earlier ones would be overwritten
+            keep_from, base = start + n - ring_len, r.ring_slot * ring_len
+            ring_rows += [base + p % ring_len if p >= keep_from else -1 for p in range(start, start + n)]
+        empty = self._t([])
+        return AttnMetadata(
+            query_start_loc=self._t(qsl, torch.int32), context_lens=self._t(starts, torch.int32),
+            seq_lens=self._t([s + n for s, n in zip(starts, counts)], torch.int32),
+            block_tables=empty.view(len(reqs), 0) if tables is None else tables,
+            slot_mapping=empty if slots is None else slots, ring_slots=self._t([r.ring_slot for r in reqs]),
+            ring_mapping=self._t(ring_rows))
 
     def prepare(self, batch: ScheduledBatch):
-        """Flat inputs of one step. Returns (input_ids, positions, metadata, rows whose last token is sampled)."""
-        bs, ring_len = self.kv.paged.block_size, self.kv.ring.ring_len
-        ids, pos, slots, ring_rows, qsl, ctx, seq_lens, logit_rows = [], [], [], [], [0], [], [], []
+        """Flat inputs of one step: (input_ids, positions, metadata)."""
+        bs = self.kv.paged.block_size
+        ids, pos, slots, starts = [], [], [], []
         for req, n in zip(batch.requests, batch.num_new_tokens):
             start = req.num_computed_tokens
-            end = start + n
-            ids += req.token_ids[start:end]
-            positions = range(start, end)
+            ids += req.token_ids[start:start + n - len(req.spec_token_ids)] + req.spec_token_ids
+            positions = range(start, start + n)
             pos += positions
             blocks = req.block_ids
             slots += [blocks[p // bs] * bs + p % bs for p in positions] if blocks else [-1] * n
-            # only the last ring_len tokens of a chunk survive in the ring; earlier ones would be overwritten
-            keep_from = end - ring_len
-            base = req.ring_slot * ring_len
-            ring_rows += [base + p % ring_len if p >= keep_from else -1 for p in positions]
-            qsl.append(qsl[-1] + n)
-            ctx.append(start)
-            seq_lens.append(end)
-            if end == req.num_tokens:
-                logit_rows.append(qsl[-1] - 1)
+            starts.append(start)
         max_blocks = max((len(r.block_ids) for r in batch.requests), default=0)
-        tables = [r.block_ids + [0] * (max_blocks - len(r.block_ids)) for r in batch.requests]
+        tables = self._t([r.block_ids + [0] * (max_blocks - len(r.block_ids)) for r in batch.requests],
+                         torch.int32).view(len(batch), max_blocks)
+        meta = self._metadata(batch.requests, starts, batch.num_new_tokens, tables, self._t(slots))
+        return self._t(ids), self._t(pos), meta
 
-        def t(x, dtype=torch.int64):
-            return torch.tensor(x, dtype=dtype, device=self.device)
-
-        meta = AttnMetadata(
-            query_start_loc=t(qsl, torch.int32), context_lens=t(ctx, torch.int32), seq_lens=t(seq_lens, torch.int32),
-            block_tables=t(tables, torch.int32).view(len(tables), max_blocks), slot_mapping=t(slots),
-            ring_slots=t([r.ring_slot for r in batch.requests]), ring_mapping=t(ring_rows))
-        return t(ids), t(pos), meta, logit_rows
-
-    def execute(self, batch: ScheduledBatch) -> SamplerOutput | None:
-        """Runs one step; returns the sampled tokens for the requests whose scheduled tokens end their known
-        tokens (in batch order), or None when no request samples this step."""
-        input_ids, positions, meta, logit_rows = self.prepare(batch)
+    def execute(self, batch: ScheduledBatch) -> StepResult:
+        input_ids, positions, meta = self.prepare(batch)
         hidden = self.model(input_ids, positions, meta, self.kv)
-        if not logit_rows:
-            return None
-        logits = self.model.compute_logits(hidden[logit_rows])
-        rows = [SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator, r.eos_token_ids)
-                for r, n in zip(batch.requests, batch.num_new_tokens)
-                if r.num_computed_tokens + n == r.num_tokens]
-        return self.sampler(logits, rows)
+        self._hidden = hidden
+        plain, spec, rows_plain, rows_spec = [], [], [], []
+        qsl = meta.query_start_loc.tolist()
+        for s, (r, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+            if r.num_computed_tokens + n - len(r.spec_token_ids) < r.num_tokens:
+                continue                                      # mid-prompt chunk: nothing to sample
+            if r.spec_token_ids:
+                spec.append(s)
+                rows_spec += range(qsl[s + 1] - 1 - len(r.spec_token_ids), qsl[s + 1])
+            else:
+                plain.append(s)
+                rows_plain.append(qsl[s + 1] - 1)
+        m = len(batch)
+        result = StepResult([[] for _ in range(m)], [[] for _ in range(m)], [0] * m)
+        if plain:
+            out = self.sampler(self.model.compute_logits(hidden[rows_plain]), [_row(batch.requests[s]) for s in plain])
+            for s, tok, lp in zip(plain, out.token_ids, out.logprobs):
+                result.tokens[s], result.logprobs[s] = [tok], [lp]
+        if spec:
+            reqs = [batch.requests[s] for s in spec]
+            drafts = [r.spec_token_ids for r in reqs]
+            tokens, lps = verify(self.sampler, self.model.compute_logits(hidden[rows_spec]), [_row(r) for r in reqs],
+                                 drafts)
+            for s, d, tok, lp in zip(spec, drafts, tokens, lps):
+                result.tokens[s], result.logprobs[s] = tok, lp
+                result.num_rejected[s] = len(d) + 1 - len(tok)
+                self.spec_stats.record(len(d), len(tok) - 1)
+        for r in batch.requests:
+            r.spec_token_ids = []
+        return result
+
+    # -- MTP drafting -------------------------------------------------------------------------------------------
+    def propose(self, batch: ScheduledBatch, result: StepResult) -> None:
+        """Runs the MTP block over every position this step made valid (keeping its KV current), then drafts
+        up to num_spec_tokens tokens for each request that is decoding, chaining the block on its own output."""
+        live = [(s, r) for s, r in enumerate(batch.requests) if not r.finished and r.ring_slot >= 0]
+        if not live:
+            return
+        starts, counts, ids, rows, reqs = [], [], [], [], []
+        offsets = self._offsets(batch)
+        for s, r in live:
+            start = r.num_computed_tokens - (batch.num_new_tokens[s] - result.num_rejected[s])
+            n = batch.num_new_tokens[s] - result.num_rejected[s]
+            starts.append(start)
+            counts.append(n)
+            ids += r.token_ids[start + 1:start + n + 1]
+            rows += range(offsets[s], offsets[s] + n)
+            reqs.append(r)
+        pos = [p for st, n in zip(starts, counts) for p in range(st, st + n)]
+        h = self.model.mtp_forward(self._t(ids), self._hidden[rows], self._t(pos),
+                                   self._metadata(reqs, starts, counts), self.kv)
+        if len(reqs) > self.spec_max_batch_size:      # verifying would cost more than it saves
+            self.spec_stats.disabled_steps += 1
+            return
+        last, drafting, budgets = [], [], []
+        end = 0
+        for r, n in zip(reqs, counts):
+            end += n
+            k = min(self.num_spec_tokens, r.params.max_tokens - len(r.output_token_ids) - 1)
+            if r.num_computed_tokens == r.num_tokens - 1 and k > 0:
+                last.append(end - 1)
+                drafting.append(r)
+                budgets.append(k)
+        if not drafting:
+            return
+        h = h[last]
+        for j in range(max(budgets)):
+            tokens = self.model.compute_logits(h).argmax(dim=-1)
+            for r, t, k in zip(drafting, tokens.tolist(), budgets):
+                if j < k:
+                    r.spec_token_ids.append(t)
+            if j + 1 == max(budgets):
+                break
+            pos = [r.num_tokens - 1 + j for r in drafting]      # the drafted token's own position
+            h = self.model.mtp_forward(tokens, h, self._t(pos), self._metadata(drafting, pos, [1] * len(drafting)),
+                                       self.kv)
+
+    @staticmethod
+    def _offsets(batch: ScheduledBatch) -> list[int]:
+        out, acc = [], 0
+        for n in batch.num_new_tokens:
+            out.append(acc)
+            acc += n
+        return out

@@ -36,6 +36,7 @@ class Request:
     first_token_time: float | None = None
     detok: object = None                # IncrementalDetokenizer
     num_sent: int = 0                   # output tokens already handed out in deltas
+    spec_token_ids: list[int] = field(default_factory=list)   # MTP drafts to verify in the next step
     token_ids: list[int] = field(init=False)   # prompt + output, appended as tokens are sampled
 
     def __post_init__(self):

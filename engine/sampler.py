@@ -52,7 +52,7 @@ class Sampler:
         if sampled:
             probs = x[sampled].softmax(dim=-1)
             token_ids[sampled] = (probs / self._exponential_noise(probs, [rows[i] for i in sampled])).argmax(dim=-1)
-        return SamplerOutput(token_ids.tolist(), _logprobs(logits, rows, token_ids))
+        return SamplerOutput(token_ids.tolist(), self.logprobs(logits, rows, token_ids))
 
     def probs(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """The distribution each row's token is drawn from, [S, V] fp32; greedy rows are one-hot on the argmax."""
@@ -83,6 +83,11 @@ class Sampler:
             probs = x.softmax(dim=-1)
             x.masked_fill_(probs < min_p * probs.amax(dim=-1, keepdim=True), NEG_INF)
         return x
+
+    def logprobs(self, logits: torch.Tensor, rows: list[SamplingRow],
+                 token_ids: torch.Tensor) -> list[dict[int, float] | None]:
+        """Top-N logprobs of the raw logits for each row, plus the given token of that row."""
+        return _logprobs(self._on_device(logits), rows, token_ids)
 
     def _on_device(self, logits: torch.Tensor) -> torch.Tensor:
         return logits if self.device is None else logits.to(self.device)

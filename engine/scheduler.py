@@ -49,7 +49,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = self._num_new_tokens(req, budget)
             while not self._grow(req, req.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -67,7 +67,7 @@ class Scheduler:
             return batch
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = self._num_new_tokens(req, budget)
             if self.kv.ring.num_free == 0 or not self._can_grow(req, req.num_computed_tokens + n):
                 break
             self.waiting.popleft()
@@ -79,6 +79,13 @@ class Scheduler:
             batch.num_new_tokens.append(n)
             budget -= n
         return batch
+
+    @staticmethod
+    def _num_new_tokens(req: Request, budget: int) -> int:
+        """The tokens it lacks plus its drafts (KV is reserved for them too), cut to the budget."""
+        n = min(req.num_tokens - req.num_computed_tokens + len(req.spec_token_ids), budget)
+        del req.spec_token_ids[max(0, n - 1):]
+        return n
 
     def _can_grow(self, req: Request, num_tokens: int) -> bool:
         return self.kv.paged.blocks_for(num_tokens) - len(req.block_ids) <= self.kv.paged.num_free
@@ -104,6 +111,7 @@ class Scheduler:
         self.running.remove(req)
         self._release(req)
         req.num_computed_tokens = 0
+        req.spec_token_ids = []
         req.status = Status.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
