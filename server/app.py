@@ -1,0 +1,504 @@
+"""The OpenAI-compatible HTTP edge: FastAPI routes over one AsyncEngine.
+
+A request is validated, rendered and tokenized here, becomes n engine requests (one per choice), and the
+engine's deltas come back as one JSON body or as SSE chunks. Every engine request runs in its own task that
+feeds one queue per HTTP request; cancelling those tasks (client gone, error, end of the response) aborts
+whatever is still in the engine, so no path can leak a running request.
+"""
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from importlib.metadata import PackageNotFoundError, version
+
+import orjson
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine import SamplingParams
+from engine.outputs import DeltaOutput
+from server import protocol as p
+from server.chat_template import ChatTemplateError, prompt_ends_in_reasoning, render_chat
+from server.metrics import CONTENT_TYPE, Metrics
+from server.parsers import THINK_END, THINK_START, TOOL_END, TOOL_START, OutputParser, ParsedDelta, ParsedOutput
+
+log = logging.getLogger("exaserve.server")
+
+try:
+    __version__ = version("exaserve")
+except PackageNotFoundError:  # running from a source tree
+    __version__ = "0.1.0+src"
+
+_ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "BadRequestError",
+                429: "RateLimitError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+# Names render_chat passes itself; chat_template_kwargs must not collide with them.
+_RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+    def body(self) -> dict:
+        return p.error_body(self.message, type=_ERROR_TYPES.get(self.status, "BadRequestError"), param=self.param,
+                            code=self.status)
+
+
+def _json(body: dict, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+# ---------------------------------------------------------------- text post-processing per choice
+
+class _SpecialTextFilter:
+    """Removes special-token strings from streamed text, holding back a tail that may begin one."""
+
+    def __init__(self, strings: set[str]):
+        ordered = sorted(strings, key=len, reverse=True)  # longest first, so no token hides inside another
+        self._pattern = re.compile("|".join(map(re.escape, ordered)))
+        self._prefixes = {s[:k] for s in strings for k in range(1, len(s))}
+        self._longest = len(ordered[0])
+        self._held = ""
+
+    def feed(self, text: str, final: bool) -> str:
+        text = self._pattern.sub("", self._held + text)
+        hold = 0
+        if not final:
+            hold = next((k for k in range(min(self._longest - 1, len(text)), 0, -1) if text[-k:] in self._prefixes), 0)
+        self._held = text[len(text) - hold:] if hold else ""
+        return text[:len(text) - hold]
+
+
+class _ChatChoice:
+    """Turns one choice's raw engine text into reasoning / content / tool-call deltas.
+
+    tool_choice "required" or a named function cannot force the model to call: when it writes no (matching)
+    call the choice finishes normally with its content and its own finish_reason, no error. With a named
+    function, calls to other functions are dropped; with parallel_tool_calls=false only the first call is kept.
+    """
+
+    def __init__(self, *, starts_in_reasoning: bool, parse_tools: bool, special: set[str] | None,
+                 only_tool: str | None, single_call: bool):
+        self._filter = _SpecialTextFilter(special) if special else None
+        self._parser = OutputParser(starts_in_reasoning=starts_in_reasoning, parse_tools=parse_tools)
+        self._only_tool, self._single_call = only_tool, single_call
+        self._call_index: dict[int, int] = {}  # parser's call index -> index in the response
+        self.num_output_tokens = 0
+
+    def feed(self, delta: DeltaOutput) -> ParsedDelta:
+        text = self._filter.feed(delta.text, delta.finished) if self._filter else delta.text
+        out = self._parser.feed(text)
+        if delta.finished:
+            tail = self._parser.finish()
+            out = ParsedDelta(out.reasoning + tail.reasoning, out.content + tail.content,
+                              out.tool_calls + tail.tool_calls)
+        out.tool_calls = self._select(out.tool_calls)
+        self.num_output_tokens = delta.num_output_tokens
+        return out
+
+    def _select(self, pieces):
+        kept = []
+        for piece in pieces:
+            if piece.id is not None:  # a call's first piece carries its name
+                wanted = self._only_tool is None or piece.name == self._only_tool
+                if wanted and not (self._single_call and self._call_index):
+                    self._call_index[piece.index] = len(self._call_index)
+            index = self._call_index.get(piece.index)
+            if index is not None:
+                kept.append(replace(piece, index=index))
+        return kept
+
+    def finish_reason(self, engine_reason: str) -> str:
+        return "tool_calls" if self._call_index and engine_reason == "stop" else engine_reason
+
+
+# ---------------------------------------------------------------- engine requests of one HTTP request
+
+class _Generation:
+    """The n engine requests of one HTTP request, merged into one stream of (choice index, delta)."""
+
+    def __init__(self, server: "OpenAIServer", request_id: str, prompts: list[list[int]],
+                 params: list[SamplingParams]):
+        self._server = server
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._waiting = set(range(len(prompts)))  # choices with no token yet: the server's waiting queue
+        server.num_waiting += len(prompts)
+        self._tasks = []
+        for i, (ids, sp) in enumerate(zip(prompts, params)):
+            task = asyncio.create_task(self._pump(i, f"{request_id}-{i}", ids, sp))
+            # A done callback runs even for a task cancelled before it started, so the count never leaks.
+            task.add_done_callback(lambda _, i=i: self._stop_waiting(i))
+            self._tasks.append(task)
+
+    def _stop_waiting(self, i: int) -> None:
+        if i in self._waiting:
+            self._waiting.discard(i)
+            self._server.num_waiting -= 1
+
+    async def _pump(self, i: int, request_id: str, ids: list[int], params: SamplingParams) -> None:
+        arrival, first = time.monotonic(), None
+        try:
+            async for delta in self._server.engine.add_request(request_id, ids, params):
+                if first is None and delta.token_ids:
+                    first = time.monotonic()
+                    self._stop_waiting(i)
+                self._queue.put_nowait((i, delta))
+                if delta.finished and delta.finish_reason != "abort":
+                    self._server.metrics.observe_request(arrival, first, time.monotonic(), delta.num_output_tokens)
+        except Exception as exc:  # CancelledError passes: it means the consumer is gone
+            self._queue.put_nowait((i, exc))
+        self._queue.put_nowait((i, None))
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, DeltaOutput]]:
+        remaining = len(self._tasks)
+        while remaining:
+            i, item = await self._queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, ValueError):
+                raise ApiError(400, str(item))
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+
+    def close(self) -> None:
+        """Abort what is still running; safe to call more than once and from any cleanup path."""
+        for task in self._tasks:
+            task.cancel()
+
+    async def aclose(self) -> None:
+        # A response's background task: Starlette runs plain functions in a thread, where cancel() is unsafe.
+        self.close()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # Called after the body was read: the next message uvicorn delivers is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# ---------------------------------------------------------------- the server
+
+class OpenAIServer:
+    def __init__(self, engine, *, served_model_name: str, api_key: str | None = None,
+                 chat_template: str | None = None, max_queue: int | None = None):
+        self.engine = engine
+        self.tokenizer = tok = engine.tokenizer
+        self.model_name = served_model_name
+        self.api_key = api_key
+        self.chat_template = chat_template or tok.chat_template
+        self.max_queue = max_queue
+        self.max_model_len = engine.max_model_len
+        self.metrics = Metrics()
+        self.num_waiting = 0
+        self.created = p.now()
+        self._bos = tok.id_to_token(tok.bos_token_id) if tok.bos_token_id is not None else ""
+        self._eos = tok.id_to_token(tok.eos_token_id) if tok.eos_token_id is not None else ""
+        # Markers the parsers need stay even where a checkpoint marks them special.
+        self._special = {tok.id_to_token(i) for i in tok.special_ids} - {THINK_START, THINK_END, TOOL_START, TOOL_END}
+        self._special.discard(None)
+        self._token_text: dict[int, str] = {}
+
+    # -- request plumbing ----------------------------------------------------------------------------------
+    def authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        if request.headers.get("authorization", "") != f"Bearer {self.api_key}":
+            raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'")
+
+    async def parse(self, request: Request, model_cls):
+        try:
+            data = orjson.loads(await request.body())
+        except orjson.JSONDecodeError as exc:
+            raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        try:
+            body = model_cls.model_validate(data)
+        except ValidationError as exc:
+            raise ApiError(400, *p.validation_error_message(exc)) from None
+        if body.model is not None and body.model != self.model_name:
+            raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {self.model_name!r}",
+                           "model")
+        return body
+
+    def render(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool,
+               kwargs: dict | None) -> str:
+        if self.chat_template is None:
+            raise ApiError(400, "the model has no chat template; start the server with --chat-template FILE")
+        extra = {k: v for k, v in (kwargs or {}).items() if k not in _RESERVED_TEMPLATE_KWARGS}
+        try:
+            return render_chat(self.chat_template, messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                               bos_token=self._bos, eos_token=self._eos, **extra)
+        except ChatTemplateError as exc:
+            raise ApiError(400, f"chat template error: {exc}", "messages") from None
+
+    def sampling_params(self, body, prompt_len: int, engine_overrides: dict | None = None) -> list[SamplingParams]:
+        """One SamplingParams per choice; seeded choices get seed + index so they differ but reproduce."""
+        kwargs = body.to_sampling_kwargs(self.engine.generation_defaults,
+                                         default_max_tokens=max(1, self.max_model_len - prompt_len))
+        kwargs.update(engine_overrides or {})
+        seed = kwargs.pop("seed")
+        return [SamplingParams(**kwargs, seed=None if seed is None else seed + i) for i in range(body.n)]
+
+    def start(self, request_id: str, prompts: list[list[int]], params: list[SamplingParams]) -> _Generation:
+        for ids, sp in zip(prompts, params):
+            try:
+                # The engine would raise the same error, but only once the response had already started.
+                self.engine.core.validate(ids, sp)
+            except ValueError as exc:
+                raise ApiError(400, str(exc)) from None
+        if self.max_queue is not None and self.num_waiting >= self.max_queue:
+            self.metrics.rejected += 1
+            raise ApiError(429, f"the server is busy: {self.num_waiting} requests are waiting "
+                                f"(--max-queue {self.max_queue}); retry later")
+        return _Generation(self, request_id, prompts, params)
+
+    async def until_disconnect(self, request: Request, gen: _Generation, collect):
+        """Run a non-streaming collection; a client that leaves first aborts it."""
+        work = asyncio.ensure_future(collect)
+        watch = asyncio.ensure_future(_wait_for_disconnect(request))
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if work.done():
+                return work.result()
+            return None
+        finally:
+            work.cancel()
+            watch.cancel()
+            gen.close()
+
+    def stream(self, gen: _Generation, events: AsyncIterator[bytes]) -> StreamingResponse:
+        return StreamingResponse(self._sse(gen, events), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"}, background=BackgroundTask(gen.aclose))
+
+    async def _sse(self, gen: _Generation, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        try:
+            async for event in events:
+                yield event
+        except ApiError as exc:  # the status line is sent already: the error becomes the last event
+            yield p.sse_event(exc.body())
+        except Exception as exc:
+            log.exception("stream failed")
+            yield p.sse_event(ApiError(500, f"internal error: {exc}").body())
+        finally:
+            gen.close()
+        yield p.SSE_DONE
+
+    def token_logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]] | None, top_n: int
+                       ) -> list[p.TokenLogprob]:
+        if logprobs is None:
+            return []
+        out = []
+        for token, entry in zip(token_ids, logprobs):
+            top = sorted(entry.items(), key=lambda kv: -kv[1])[:top_n]
+            out.append((self._text_of(token), entry[token], [(self._text_of(t), lp) for t, lp in top]))
+        return out
+
+    def _text_of(self, token: int) -> str:
+        text = self._token_text.get(token)
+        if text is None:
+            text = self._token_text[token] = self.tokenizer.decode([token], skip_special_tokens=False)
+        return text
+
+    # -- chat completions ----------------------------------------------------------------------------------
+    async def chat_completions(self, request: Request) -> Response:
+        body: p.ChatCompletionRequest = await self.parse(request, p.ChatCompletionRequest)
+        prompt = self.render(body.template_messages(), body.template_tools(), body.add_generation_prompt,
+                             body.chat_template_kwargs)
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        # Raw text from the engine so no marker the parser needs is ever dropped; special tokens the client
+        # asked to skip are removed afterwards, from the visible text only.
+        params = self.sampling_params(body, len(ids), {"skip_special_tokens": False})
+        request_id = p.new_request_id("chatcmpl")
+        gen = self.start(request_id, [ids] * body.n, params)
+        named = body.tool_choice.function.name if isinstance(body.tool_choice, p.NamedToolChoice) else None
+        choices = [_ChatChoice(starts_in_reasoning=prompt_ends_in_reasoning(prompt), parse_tools=body.parse_tools,
+                               special=self._special if body.skip_special_tokens else None, only_tool=named,
+                               single_call=body.parallel_tool_calls is False) for _ in range(body.n)]
+        top_n = (body.top_logprobs or 0) if body.logprobs else None
+        meta = (request_id, self.model_name, p.now())
+        if body.stream:
+            return self.stream(gen, self._chat_events(gen, choices, meta, len(ids), top_n, body.include_usage))
+        result = await self.until_disconnect(request, gen, self._chat_full(gen, choices, meta, len(ids), top_n))
+        return _json(result) if result is not None else Response(status_code=499)
+
+    async def _chat_full(self, gen, choices, meta, prompt_len, top_n) -> dict:
+        parsed = [[] for _ in choices]
+        logprobs = [[] for _ in choices]
+        reasons = [None] * len(choices)
+        async for i, delta in gen:
+            parsed[i].append(choices[i].feed(delta))
+            if top_n is not None:
+                logprobs[i] += self.token_logprobs(delta.token_ids, delta.logprobs, top_n)
+            if delta.finished:
+                reasons[i] = choices[i].finish_reason(delta.finish_reason)
+        out = []
+        for i, choice in enumerate(choices):
+            result = ParsedOutput.from_deltas(parsed[i])
+            message = p.chat_message(result.content, result.reasoning, [c.to_openai() for c in result.tool_calls])
+            out.append(p.chat_choice(i, message, reasons[i], p.chat_logprobs(logprobs[i]) if top_n is not None
+                                     else None))
+        completion_tokens = sum(c.num_output_tokens for c in choices)
+        return p.chat_response(*meta, out, p.usage(prompt_len, completion_tokens))
+
+    async def _chat_events(self, gen, choices, meta, prompt_len, top_n, include_usage) -> AsyncIterator[bytes]:
+        def chunk(i, delta, finish_reason=None, logprobs=None):
+            return p.sse_event(p.chat_chunk(*meta, [p.chat_chunk_choice(i, delta, finish_reason, logprobs)]))
+
+        for i in range(len(choices)):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        async for i, delta in gen:
+            parsed = choices[i].feed(delta)
+            # Reasoning, then content, then each tool-call piece (header, then arguments) in its own chunk.
+            deltas = [d for d in (p.chat_delta(reasoning=parsed.reasoning), p.chat_delta(content=parsed.content)) if d]
+            deltas += [{"tool_calls": [piece.to_openai()]} for piece in parsed.tool_calls]
+            logprobs = None
+            if top_n is not None and delta.token_ids:
+                logprobs = p.chat_logprobs(self.token_logprobs(delta.token_ids, delta.logprobs, top_n))
+                deltas = deltas or [{}]
+            for k, d in enumerate(deltas):
+                yield chunk(i, d, logprobs=logprobs if k == 0 else None)
+            if delta.finished:
+                yield chunk(i, {}, choices[i].finish_reason(delta.finish_reason))
+        if include_usage:
+            completion_tokens = sum(c.num_output_tokens for c in choices)
+            yield p.sse_event(p.chat_chunk(*meta, [], p.usage(prompt_len, completion_tokens)))
+
+    # -- text completions ----------------------------------------------------------------------------------
+    async def completions(self, request: Request) -> Response:
+        body: p.CompletionRequest = await self.parse(request, p.CompletionRequest)
+        prompts = [self.tokenizer.encode(q, add_special_tokens=True) if isinstance(q, str) else q
+                   for q in body.prompts()]
+        engine_prompts, params = [], []
+        for ids in prompts:
+            engine_prompts += [ids] * body.n
+            params += self.sampling_params(body, len(ids))
+        request_id = p.new_request_id("cmpl")
+        gen = self.start(request_id, engine_prompts, params)
+        # Choice k answers prompt k // n; echo puts the prompt text in front of its output.
+        echoes = [self.tokenizer.decode(ids, body.skip_special_tokens) if body.echo else "" for ids in engine_prompts]
+        meta = (request_id, self.model_name, p.now())
+        prompt_tokens = sum(map(len, prompts))
+        if body.stream:
+            return self.stream(gen, self._completion_events(gen, echoes, meta, prompt_tokens, body.logprobs,
+                                                            body.include_usage))
+        result = await self.until_disconnect(request, gen,
+                                             self._completion_full(gen, echoes, meta, prompt_tokens, body.logprobs))
+        return _json(result) if result is not None else Response(status_code=499)
+
+    async def _completion_full(self, gen, echoes, meta, prompt_tokens, top_n) -> dict:
+        texts = list(echoes)
+        logprobs = [[] for _ in echoes]
+        reasons = [None] * len(echoes)
+        completion_tokens = 0
+        async for i, delta in gen:
+            texts[i] += delta.text
+            if top_n is not None:
+                logprobs[i] += self.token_logprobs(delta.token_ids, delta.logprobs, top_n)
+            if delta.finished:
+                reasons[i] = delta.finish_reason
+                completion_tokens += delta.num_output_tokens
+        choices = [p.completion_choice(i, texts[i], reasons[i], p.completion_logprobs(logprobs[i], len(echoes[i]))
+                                       if top_n is not None else None) for i in range(len(echoes))]
+        return p.completion_response(*meta, choices, p.usage(prompt_tokens, completion_tokens))
+
+    async def _completion_events(self, gen, echoes, meta, prompt_tokens, top_n, include_usage) -> AsyncIterator[bytes]:
+        offsets = [len(e) for e in echoes]  # where the next text starts in each choice, for text_offset
+        for i, echo in enumerate(echoes):
+            if echo:
+                yield p.sse_event(p.completion_response(*meta, [p.completion_choice(i, echo, None)]))
+        completion_tokens = 0
+        async for i, delta in gen:
+            logprobs = None
+            if top_n is not None:
+                logprobs = p.completion_logprobs(self.token_logprobs(delta.token_ids, delta.logprobs, top_n),
+                                                 offsets[i])
+            offsets[i] += len(delta.text)
+            if delta.text or logprobs or delta.finished:
+                reason = delta.finish_reason if delta.finished else None
+                yield p.sse_event(p.completion_response(*meta, [p.completion_choice(i, delta.text, reason, logprobs)]))
+            if delta.finished:
+                completion_tokens += delta.num_output_tokens
+        if include_usage:
+            yield p.sse_event(p.completion_response(*meta, [], p.usage(prompt_tokens, completion_tokens)))
+
+    # -- small endpoints -----------------------------------------------------------------------------------
+    async def tokenize(self, request: Request) -> Response:
+        body: p.TokenizeRequest = await self.parse(request, p.TokenizeRequest)
+        if body.messages is not None:
+            prompt = self.render([m.to_template() for m in body.messages],
+                                 [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
+                                 body.add_generation_prompt, body.chat_template_kwargs)
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        else:
+            ids = self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return _json({"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids})
+
+    async def detokenize(self, request: Request) -> Response:
+        body: p.DetokenizeRequest = await self.parse(request, p.DetokenizeRequest)
+        vocab = self.engine.model_config.vocab_size
+        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is outside the vocabulary [0, {vocab})", "tokens")
+        return _json({"prompt": self.tokenizer.decode(body.tokens, skip_special_tokens=False)})
+
+    async def models(self) -> Response:
+        return _json({"object": "list", "data": [{
+            "id": self.model_name, "object": "model", "created": self.created, "owned_by": "exaserve",
+            "root": self.model_name, "parent": None, "max_model_len": self.max_model_len}]})
+
+    async def health(self) -> Response:
+        return Response(status_code=200)
+
+    async def version(self) -> Response:
+        return _json({"version": __version__})
+
+    async def metrics_text(self) -> Response:
+        return Response(self.metrics.render(self.engine.stats()), media_type=CONTENT_TYPE)
+
+
+def build_app(engine, *, served_model_name: str, api_key: str | None = None, chat_template: str | None = None,
+              max_queue: int | None = None) -> FastAPI:
+    """The FastAPI app over a started AsyncEngine. With api_key, every route but /health, /metrics and
+    /version needs `Authorization: Bearer <api_key>`; max_queue refuses (429) new requests while that many
+    engine requests are already waiting for their first token."""
+    server = OpenAIServer(engine, served_model_name=served_model_name, api_key=api_key, chat_template=chat_template,
+                          max_queue=max_queue)
+    app = FastAPI(title="exaserve", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> Response:
+        return _json(exc.body(), exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        return _json(ApiError(exc.status_code, str(exc.detail)).body(), exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_: Request, exc: Exception) -> Response:
+        log.error("request failed", exc_info=exc)
+        return _json(ApiError(500, f"internal error: {type(exc).__name__}: {exc}").body(), 500)
+
+    open_routes = APIRouter()
+    open_routes.add_api_route("/health", server.health, methods=["GET"])
+    open_routes.add_api_route("/metrics", server.metrics_text, methods=["GET"])
+    open_routes.add_api_route("/version", server.version, methods=["GET"])
+    guarded = APIRouter(dependencies=[Depends(server.authorize)])
+    guarded.add_api_route("/v1/models", server.models, methods=["GET"])
+    guarded.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
+    guarded.add_api_route("/v1/completions", server.completions, methods=["POST"])
+    guarded.add_api_route("/tokenize", server.tokenize, methods=["POST"])
+    guarded.add_api_route("/detokenize", server.detokenize, methods=["POST"])
+    app.include_router(open_routes)
+    app.include_router(guarded)
+    return app

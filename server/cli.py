@@ -1,0 +1,173 @@
+"""`exaserve` command line: `serve` runs the OpenAI-compatible server, `make-tiny` writes a test checkpoint."""
+
+import argparse
+import asyncio
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger("exaserve")
+
+STATS_INTERVAL_S = 10.0
+TINY_MODEL_NAME = "exaserve-tiny"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+
+
+def _bytes(text: str) -> int:
+    """A size such as 40GiB or 512M (binary multiples), or a plain number of bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 8GiB, 512MiB, 1073741824)")
+    number, unit = float(match[1]), match[2].upper()
+    return int(number * 1024 ** "_KMGT".index(unit)) if unit else int(number)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="exaserve serve", description="Serve an EXAONE-MoE checkpoint over the "
+                                     "OpenAI API. Without --model: a built-in tiny random checkpoint.")
+    parser.add_argument("--model", help="checkpoint directory (Hugging Face layout)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                        help="weights and KV cache; auto: the checkpoint's")
+    parser.add_argument("--max-model-len", type=_positive, help="longest prompt + output (default: the model's)")
+    parser.add_argument("--max-num-seqs", type=_positive, default=64, help="requests in one batch")
+    parser.add_argument("--max-num-batched-tokens", type=_positive, default=2048, help="tokens in one step")
+    parser.add_argument("--kv-cache-memory", type=_bytes,
+                        help="bytes for both KV pools, e.g. 40GiB (default: 90%% of free GPU memory, 2GiB on CPU)")
+    parser.add_argument("--served-model-name", help="the name clients send as `model` (default: --model)")
+    parser.add_argument("--api-key", default=os.environ.get("EXASERVE_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' (default: $EXASERVE_API_KEY)")
+    parser.add_argument("--chat-template", type=Path, help="a Jinja2 file that replaces the checkpoint's template")
+    parser.add_argument("--max-queue", type=_positive,
+                        help="answer 429 while this many requests wait for their first token (default: no limit)")
+    return parser
+
+
+def builtin_tiny_checkpoint() -> Path:
+    """The tiny random checkpoint, made once per version into the user's cache directory."""
+    from engine.tiny import make_tiny_checkpoint
+    from server.app import __version__
+
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "exaserve"
+    path = root / f"tiny-{__version__}"
+    if (path / "model.safetensors").is_file():
+        return path
+    root.mkdir(parents=True, exist_ok=True)
+    # Build beside it and rename, so a concurrent or interrupted start never sees half a checkpoint.
+    scratch = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root))
+    make_tiny_checkpoint(scratch)
+    try:
+        scratch.rename(path)
+    except OSError:  # another process finished first
+        shutil.rmtree(scratch, ignore_errors=True)
+    return path
+
+
+def _describe_pools(engine) -> str:
+    kv = engine.core.kv
+    mib = 1 << 20
+    return (f"KV pools: {kv.paged.num_blocks} blocks x {kv.paged.block_size} tokens for global layers "
+            f"({kv.paged.nbytes / mib:.1f} MiB), {kv.ring.num_slots} ring slots x {kv.ring.ring_len} tokens for "
+            f"sliding layers ({kv.ring.nbytes / mib:.1f} MiB); max_model_len {engine.max_model_len}")
+
+
+async def _log_stats(engine) -> None:
+    """A line every STATS_INTERVAL_S seconds while there is work, like vLLM's."""
+    last, last_time = engine.stats(), time.monotonic()
+    while True:
+        await asyncio.sleep(STATS_INTERVAL_S)
+        stats, now = engine.stats(), time.monotonic()
+        prompt = stats["prompt_tokens"] - last["prompt_tokens"]
+        generated = stats["generation_tokens"] - last["generation_tokens"]
+        if prompt or generated or stats["running"] or stats["waiting"]:
+            elapsed = now - last_time
+            log.info("Running: %d reqs, Waiting: %d reqs, Prompt: %.1f tokens/s, Generation: %.1f tokens/s, "
+                     "KV blocks: %.1f%% (%d/%d), Ring slots: %.1f%% (%d/%d), Preemptions: %d",
+                     stats["running"], stats["waiting"], prompt / elapsed, generated / elapsed,
+                     100 * stats["blocks_used"] / max(1, stats["blocks_total"]), stats["blocks_used"],
+                     stats["blocks_total"], 100 * stats["ring_slots_used"] / max(1, stats["ring_slots_total"]),
+                     stats["ring_slots_used"], stats["ring_slots_total"], stats["preemptions"])
+        last, last_time = stats, now
+
+
+async def _run(server, engine) -> None:
+    stats_task = asyncio.create_task(_log_stats(engine))
+    try:
+        await server.serve()
+    finally:
+        stats_task.cancel()
+
+
+def serve(argv: list[str]) -> int:
+    args = _serve_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    from engine import AsyncEngine
+    from server.app import build_app
+
+    chat_template = None
+    if args.chat_template is not None:
+        try:
+            chat_template = args.chat_template.read_text(encoding="utf-8")
+        except OSError as exc:
+            sys.exit(f"exaserve: cannot read --chat-template: {exc}")
+    if args.model is None:
+        model = builtin_tiny_checkpoint()
+        name = args.served_model_name or TINY_MODEL_NAME
+        log.info("No --model given: serving the built-in tiny random checkpoint at %s (its output is random text)",
+                 model)
+    else:
+        model, name = Path(args.model), args.served_model_name or args.model
+    engine_args = {"dtype": args.dtype, "max_num_seqs": args.max_num_seqs,
+                   "max_num_batched_tokens": args.max_num_batched_tokens, "max_model_len": args.max_model_len,
+                   "kv_cache_memory": args.kv_cache_memory}
+    try:
+        engine = AsyncEngine(str(model), **{k: v for k, v in engine_args.items() if v is not None})
+    except (OSError, ValueError) as exc:  # no checkpoint there, a config we cannot serve, pools that do not fit
+        sys.exit(f"exaserve: cannot serve {model}: {exc}")
+    log.info("Loaded %s in %.1f s on %s (%s)", model, engine.core.load_seconds, engine.core.device,
+             str(engine.core.dtype).removeprefix("torch."))
+    log.info(_describe_pools(engine))
+    app = build_app(engine, served_model_name=name, api_key=args.api_key, chat_template=chat_template,
+                    max_queue=args.max_queue)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_config=None))
+    log.info("Serving %r on http://%s:%d (OpenAI API under /v1)%s", name, args.host, args.port,
+             "; API key required" if args.api_key else "")
+    try:
+        asyncio.run(_run(server, engine))
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engine.tiny import main_make_tiny
+
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"serve": serve, "make-tiny": main_make_tiny}
+    usage = "usage: exaserve {serve,make-tiny} [options]   (exaserve COMMAND --help lists the options)"
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage)
+        return 0
+    if not argv or argv[0] not in commands:
+        print(usage, file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

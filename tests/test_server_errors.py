@@ -1,0 +1,155 @@
+"""Bad requests get the OpenAI error envelope with the right status, and never hurt the server."""
+import time
+
+import httpx
+import openai
+import pytest
+
+pytest_plugins = ["tests.server_fixture"]
+
+MODEL = "tiny"
+KEY = "sk-test"
+ASK = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, live_server):
+    # One seat and a queue of one: the 429 test fills both with two long requests.
+    with live_server(tiny_model, "--dtype", "float32", "--max-num-seqs", "1", "--max-queue", "1",
+                     "--served-model-name", MODEL, api_key=KEY) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, headers=server.headers(), timeout=60) as client:
+        yield client
+
+
+def chat(**fields):
+    return ("/v1/chat/completions", {"model": MODEL, "messages": ASK, "max_tokens": 2, **fields})
+
+
+def completion(**fields):
+    return ("/v1/completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 2, **fields})
+
+
+# (request, status, fragments of the message, param)
+BAD = {
+    "max_tokens < 1": (chat(max_tokens=0), 400, ["max_tokens"], "max_tokens"),
+    "max_completion_tokens < 1": (chat(max_completion_tokens=0), 400, ["max_completion_tokens"],
+                                  "max_completion_tokens"),
+    "temperature < 0": (chat(temperature=-0.5), 400, ["temperature"], "temperature"),
+    "top_p 0": (chat(top_p=0), 400, ["top_p"], "top_p"),
+    "top_p > 1": (completion(top_p=1.5), 400, ["top_p"], "top_p"),
+    "n < 1": (chat(n=0), 400, ["n"], "n"),
+    "too many top_logprobs": (chat(logprobs=True, top_logprobs=21), 400, ["top_logprobs"], "top_logprobs"),
+    "logit bias out of range": (chat(logit_bias={"5": 500}), 400, ["logit_bias"], "logit_bias"),
+    "no messages": (("/v1/chat/completions", {"model": MODEL}), 400, ["messages"], "messages"),
+    "empty messages": (chat(messages=[]), 400, ["messages"], "messages"),
+    "messages not a list": (chat(messages="hi"), 400, ["messages"], "messages"),
+    "message without content": (chat(messages=[{"role": "user"}]), 400, ["content"], "messages[0]"),
+    "content of a wrong type": (chat(messages=[{"role": "user", "content": 5}]), 400, ["content"],
+                                "messages[0].content"),
+    "unknown role": (chat(messages=[{"role": "wizard", "content": "hi"}]), 400, ["role"], "messages[0].role"),
+    "template refuses the conversation": (chat(messages=[{"role": "developer", "content": "hi"}]), 400,
+                                          ["Unknown message role: developer"], "messages"),
+    "tool_choice without tools": (chat(tool_choice="required"), 400, ["tool_choice"], "tool_choice"),
+    "chat over max_model_len": (chat(max_tokens=5000), 400, ["5000", "4096", "max_model_len"], None),
+    "prompt over max_model_len": (completion(max_tokens=5000), 400, ["5000", "4096"], None),
+    "empty prompt list": (completion(prompt=[]), 400, ["prompt"], "prompt"),
+    "token id outside the vocabulary": (completion(prompt=[1, 10**6]), 400, [str(10**6), "vocabulary"], None),
+    "unknown model": (chat(model="gpt-4"), 404, ["gpt-4"], "model"),
+    "detokenize a bad id": (("/detokenize", {"tokens": [-1]}), 400, ["-1"], "tokens"),
+}
+
+
+def post(http: httpx.Client, request: tuple[str, dict]) -> httpx.Response:
+    path, body = request
+    return http.post(path, json=body)
+
+
+def check_error(response: httpx.Response, status: int, fragments=(), param="unchecked"):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == status
+    assert isinstance(error["message"], str) and isinstance(error["type"], str)
+    for fragment in fragments:
+        assert fragment in error["message"]
+    if param != "unchecked":
+        assert error["param"] == param
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_request_gets_its_status_and_envelope(http, name):
+    request, status, fragments, param = BAD[name]
+    check_error(post(http, request), status, fragments, param)
+
+
+def test_over_length_message_names_the_prompt_length(http):
+    prompt_tokens = http.post("/tokenize", json={"messages": ASK}).json()["count"]
+    response = post(http, chat(max_tokens=5000))
+    check_error(response, 400, [f"({prompt_tokens} tokens)", "(5000)", "(4096)"])
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"", b"[1, 2]", b'"text"'])
+def test_body_that_is_not_a_json_object(http, content):
+    response = http.post("/v1/chat/completions", content=content, headers={"Content-Type": "application/json"})
+    check_error(response, 400, ["JSON"])
+
+
+def test_api_key(server):
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 1}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        check_error(httpx.post(f"{server.url}/v1/completions", json=body, headers=headers), 401, ["API key"])
+    check_error(httpx.get(f"{server.url}/v1/models"), 401)
+    assert httpx.get(f"{server.url}/health").status_code == 200  # probes and scrapers need no key
+    assert httpx.get(f"{server.url}/metrics").status_code == 200
+    assert httpx.post(f"{server.url}/v1/completions", json=body, headers=server.headers()).status_code == 200
+
+
+def test_unknown_route_and_method(http):
+    check_error(http.get("/v1/nothing"), 404)
+    check_error(http.get("/v1/chat/completions"), 405)
+
+
+def test_official_client_raises_the_matching_errors(server):
+    client = server.openai()
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model=MODEL, messages=ASK, temperature=-1)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=ASK)
+    with pytest.raises(openai.AuthenticationError):
+        server.openai(api_key="wrong").models.list()
+
+
+def poll_until_accepted(http, request, timeout=60.0):
+    """The server frees the queue once it notices the closed streams; 429 until then."""
+    deadline = time.monotonic() + timeout
+    while (response := post(http, request)).status_code == 429:
+        assert time.monotonic() < deadline, "the queue never emptied"
+        time.sleep(0.05)
+    return response
+
+
+def test_full_queue_is_429_then_recovers(http):
+    long = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    small = completion()
+    with http.stream("POST", "/v1/completions", json=long) as running:
+        assert next(running.iter_lines()).startswith("data: ")  # it has the only seat and a token
+        with http.stream("POST", "/v1/completions", json=long) as waiting:
+            assert waiting.status_code == 200  # admitted: it waits for the seat
+            check_error(post(http, small), 429, ["--max-queue 1"])
+            check_error(post(http, chat(stream=True)), 429)
+    assert poll_until_accepted(http, small).status_code == 200
+
+
+def test_hundred_bad_requests_then_a_good_one(server, http):
+    cases = list(BAD.values())
+    for i in range(100):
+        request, status, _, _ = cases[i % len(cases)]
+        assert post(http, request).status_code == status
+    response = post(http, chat(max_tokens=4, temperature=0))
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] >= 1
+    assert server.proc.poll() is None
