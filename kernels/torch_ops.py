@@ -92,19 +92,45 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping):
     vc.index_copy_(0, slot_mapping, v)
 
 
+# Sequences whose new queries number at most this are attended together in one padded batch (decodes,
+# draft verifications); longer prefill chunks are attended one by one.
+SHORT_QUERY = 8
+
+
 def _attend(q, k, v, mask, scale):
-    """q [lq, nq, d]; k/v [lk, nkv, d]; mask [lq, lk] bool (True = visible) -> [lq, nq, d]."""
-    lq, nq, d = q.shape
-    nkv = k.shape[1]
-    g = nq // nkv
-    qh = q.view(lq, nkv, g, d).permute(1, 2, 0, 3)            # [nkv, g, lq, d]
-    kh = k.permute(1, 2, 0)[:, None]                             # [nkv, 1, d, lk]
-    vh = v.permute(1, 0, 2)[:, None]                             # [nkv, 1, lk, d]
+    """q [B, lq, nq, d]; k/v [B, lk, nkv, d]; mask [B, lq, lk] bool (True = visible) -> [B, lq, nq, d].
+
+    Scores and the weighted sum run in q's dtype, the softmax in fp32 (as the reference model does)."""
+    B, lq, nq, d = q.shape
+    nkv = k.shape[2]
+    qh = q.view(B, lq, nkv, nq // nkv, d).permute(0, 2, 3, 1, 4)           # [B, nkv, g, lq, d]
+    kh = k.permute(0, 2, 3, 1)[:, :, None]                                  # [B, nkv, 1, d, lk]
+    vh = v.permute(0, 2, 1, 3)[:, :, None]                                  # [B, nkv, 1, lk, d]
     scores = torch.matmul(qh, kh) * scale
-    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(probs, vh)                                # [nkv, g, lq, d]
-    return out.permute(2, 0, 1, 3).reshape(lq, nq, d)
+    out = torch.matmul(probs, vh)                                           # [B, nkv, g, lq, d]
+    return out.permute(0, 3, 1, 2, 4).reshape(B, lq, nq, d)
+
+
+def _split(query_start_loc):
+    """(starts, query lengths, indices of short sequences, indices of long ones)."""
+    starts = query_start_loc.tolist()
+    lens = [b - a for a, b in zip(starts, starts[1:])]
+    short = [s for s, n in enumerate(lens) if 0 < n <= SHORT_QUERY]
+    long = [s for s, n in enumerate(lens) if n > SHORT_QUERY]
+    return starts, lens, short, long
+
+
+def _gather_queries(q, starts, lens, seqs):
+    """Padded [B, Qmax, nq, d] queries of the given sequences, the row of each, and which rows are real."""
+    qmax = max(lens[s] for s in seqs)
+    j = torch.arange(qmax, device=q.device)
+    first = torch.tensor([starts[s] for s in seqs], device=q.device)
+    n = torch.tensor([lens[s] for s in seqs], device=q.device)
+    real = j[None, :] < n[:, None]
+    rows = first[:, None] + torch.where(real, j[None, :], 0)
+    return q[rows], rows, real, n
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale):
@@ -115,18 +141,26 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
     """
     out = torch.empty_like(q)
     bs = k_cache.shape[1]
-    starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
-    for s, L in enumerate(lens):
-        a, b = starts[s], starts[s + 1]
-        if a == b:
-            continue
+    starts, lens, short, long = _split(query_start_loc)
+    ctx = seq_lens.tolist()
+    if short:
+        qs, rows, real, n = _gather_queries(q, starts, lens, short)
+        idx = torch.tensor(short, device=q.device)
+        L = max(ctx[s] for s in short)
+        blocks = block_tables[idx, : (L + bs - 1) // bs].long()
+        k = k_cache[blocks].flatten(1, 2)[:, :L]
+        v = v_cache[blocks].flatten(1, 2)[:, :L]
+        qpos = seq_lens[idx, None] - n[:, None] + torch.arange(qs.shape[1], device=q.device)[None, :]
+        mask = torch.arange(L, device=q.device)[None, None, :] <= qpos[:, :, None]
+        out[rows[real]] = _attend(qs, k, v, mask, scale)[real]
+    for s in long:
+        a, b, L = starts[s], starts[s + 1], ctx[s]
         blocks = block_tables[s, : (L + bs - 1) // bs].long()
         k = k_cache[blocks].flatten(0, 1)[:L]
         v = v_cache[blocks].flatten(0, 1)[:L]
         qpos = torch.arange(L - (b - a), L, device=q.device)
         mask = torch.arange(L, device=q.device)[None, :] <= qpos[:, None]
-        out[a:b] = _attend(q[a:b], k, v, mask, scale)
+        out[a:b] = _attend(q[None, a:b], k[None], v[None], mask[None], scale)[0]
     return out
 
 
@@ -139,20 +173,32 @@ def ring_attention(q, k, v, k_ring, v_ring, ring_slots, query_start_loc, context
     """
     out = torch.empty_like(q)
     ring_len = k_ring.shape[1]
-    starts = query_start_loc.tolist()
+    starts, lens, short, long = _split(query_start_loc)
+    dev = q.device
+    if short:
+        qs, rows, real, n = _gather_queries(q, starts, lens, short)
+        idx = torch.tensor(short, device=dev)
+        c = context_lens[idx].long()[:, None]
+        old_pos = c - (window - 1) + torch.arange(window - 1, device=dev)[None, :]      # [B, window-1]
+        slot = ring_slots[idx][:, None]
+        k_all = torch.cat((k_ring[slot, old_pos % ring_len], k[rows]), dim=1)
+        v_all = torch.cat((v_ring[slot, old_pos % ring_len], v[rows]), dim=1)
+        qpos = c + torch.arange(qs.shape[1], device=dev)[None, :]
+        kpos = torch.cat((old_pos, qpos), dim=1)
+        kp, qp = kpos[:, None, :], qpos[:, :, None]
+        mask = (kp <= qp) & (kp > qp - window) & (kp >= 0)
+        out[rows[real]] = _attend(qs, k_all, v_all, mask, scale)[real]
     ctx = context_lens.tolist()
     slots = ring_slots.tolist()
-    for s, c in enumerate(ctx):
-        a, b = starts[s], starts[s + 1]
-        if a == b:
-            continue
+    for s in long:
+        a, b, c = starts[s], starts[s + 1], ctx[s]
         n_old = min(c, window - 1)
-        old_pos = torch.arange(c - n_old, c, device=q.device)
-        rows = old_pos % ring_len
-        kk = torch.cat((k_ring[slots[s], rows], k[a:b]))
-        vv = torch.cat((v_ring[slots[s], rows], v[a:b]))
-        kpos = torch.arange(c - n_old, c + (b - a), device=q.device)
-        qpos = torch.arange(c, c + (b - a), device=q.device)
+        old_pos = torch.arange(c - n_old, c, device=dev)
+        rows_ = old_pos % ring_len
+        kk = torch.cat((k_ring[slots[s], rows_], k[a:b]))
+        vv = torch.cat((v_ring[slots[s], rows_], v[a:b]))
+        kpos = torch.arange(c - n_old, c + (b - a), device=dev)
+        qpos = torch.arange(c, c + (b - a), device=dev)
         mask = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - window)
-        out[a:b] = _attend(q[a:b], kk, vv, mask, scale)
+        out[a:b] = _attend(q[None, a:b], kk[None], vv[None], mask[None], scale)[0]
     return out

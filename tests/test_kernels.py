@@ -1,0 +1,337 @@
+"""Every Triton kernel against its torch path (kernels/torch_ops.py).
+
+Runs on CUDA when there is one, else in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+Inputs are fresh per case (seeded from the test id, so a failure replays); every buffer the kernel wrapper
+allocates is filled with NaN first, so an element the kernel forgets to write shows up. Error is
+max |out - ref| / max |ref|.
+"""
+import contextlib
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import kernels  # noqa: E402
+from kernels import fused_ops, triton_attention, triton_moe, triton_norm  # noqa: E402
+from kernels import torch_ops as ref  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+F32_F16 = [torch.float32, torch.float16]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def randn(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
+
+
+@contextlib.contextmanager
+def poisoned():
+    """torch.empty / torch.empty_like hand out NaN-filled floats while the kernel wrapper runs."""
+    real_empty, real_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch.empty = lambda *a, **kw: poison(real_empty(*a, **kw))
+    torch.empty_like = lambda *a, **kw: poison(real_like(*a, **kw))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = real_empty, real_like
+
+
+def run(fn, *args, **kwargs):
+    with poisoned():
+        return fn(*args, **kwargs)
+
+
+def check(out, expected, dtype):
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    assert not out.isnan().any(), "unwritten (NaN) elements"
+    err = ((out.float() - expected.float()).abs().max() / expected.float().abs().max().clamp_min(1e-30)).item()
+    assert err <= TOL[dtype], f"relative error {err:.2e} > {TOL[dtype]:.0e}"
+
+
+# -- row-wise ops -------------------------------------------------------------------------------------------
+
+def qkv_views(T, nq, nkv, d, dtype):
+    """q, k, v as the engine makes them: column slices of one fused projection, viewed per head (strided)."""
+    qkv = randn(T, (nq + 2 * nkv) * d, dtype=dtype)
+    q, k, v = qkv.split([nq * d, nkv * d, nkv * d], dim=-1)
+    return q.reshape(T, nq, d), k.reshape(T, nkv, d), v.reshape(T, nkv, d)
+
+
+@pytest.mark.parametrize("dtype", F32_F16)
+@pytest.mark.parametrize("layout", ["rows", "heads"])
+def test_rms_norm(dtype, layout):
+    x = randn(7, 48, dtype=dtype) if layout == "rows" else qkv_views(5, 4, 2, 24, dtype)[0]
+    w = randn(x.shape[-1], dtype=dtype)
+    check(run(triton_norm.rms_norm, x, w, 1e-5), ref.rms_norm(x, w, 1e-5), dtype)
+
+
+@pytest.mark.parametrize("dtype", F32_F16)
+def test_add_rms_norm(dtype):
+    x, r, w = randn(9, 40, dtype=dtype), randn(9, 40, dtype=dtype), randn(40, dtype=dtype)
+    out, s = run(triton_norm.add_rms_norm, x, r, w, 1e-5)
+    ref_out, ref_s = ref.add_rms_norm(x, r, w, 1e-5)
+    check(out, ref_out, dtype)
+    check(s, ref_s, dtype)
+
+
+def rope_tables(max_pos, d):
+    inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32, device=DEVICE) / d))
+    f = torch.arange(max_pos, dtype=torch.float32, device=DEVICE)[:, None] * inv
+    return f.cos(), f.sin()
+
+
+@pytest.mark.parametrize("dtype", F32_F16)
+def test_rope(dtype):
+    _, k, _ = qkv_views(6, 2, 3, 16, dtype)
+    pos = torch.tensor([0, 1, 2, 17, 40, 63], device=DEVICE)
+    cos, sin = rope_tables(64, 16)
+    check(run(triton_norm.rope, k, pos, cos, sin), ref.rope(k, pos, cos, sin), dtype)
+
+
+@pytest.mark.parametrize("dtype", F32_F16)
+def test_silu_and_mul(dtype):
+    x = randn(5, 2 * 40, dtype=dtype, scale=2.0)
+    check(run(triton_norm.silu_and_mul, x), ref.silu_and_mul(x), dtype)
+
+
+@pytest.mark.parametrize("dtype", F32_F16)
+@pytest.mark.parametrize("use_rope", [True, False])
+def test_qk_norm_rope(dtype, use_rope):
+    q, k, _ = qkv_views(5, 8, 2, 16, dtype)
+    qw, kw = randn(16, dtype=dtype), randn(16, dtype=dtype)
+    pos = torch.tensor([0, 3, 4, 9, 30], device=DEVICE)
+    cos, sin = rope_tables(32, 16)
+    got = run(triton_norm.qk_norm_rope, q, k, qw, kw, 1e-5, pos, cos, sin, use_rope)
+    want = fused_ops.qk_norm_rope(q, k, qw, kw, 1e-5, pos, cos, sin, use_rope)
+    for g, w in zip(got, want):
+        check(g, w, dtype)
+
+
+# -- MoE ----------------------------------------------------------------------------------------------------
+
+def routing(T, E, k, used=None):
+    """Distinct experts per token, drawn from the first `used` experts (the rest get no tokens)."""
+    scores = torch.rand(T, E, device=DEVICE)
+    if used is not None:
+        scores[:, used:] = -1.0
+    ids = scores.topk(k, dim=-1).indices
+    return torch.rand(T, k, device=DEVICE) + 0.1, ids
+
+
+MOE_CASES = {
+    # name: (T, E, k, H, I, experts used)   H, I never multiples of the tile (interpreter tiles 16x32x32)
+    "ragged": (13, 8, 2, 48, 24, None),
+    "decode": (1, 8, 2, 40, 24, None),
+    "empty_experts": (5, 16, 2, 48, 40, 3),
+    "one_expert": (21, 4, 1, 40, 24, 1),
+    "many_tiles": (40, 4, 2, 56, 40, None),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", MOE_CASES)
+def test_fused_moe(case, dtype):
+    T, E, k, H, I, used = MOE_CASES[case]
+    x = randn(T, H, dtype=dtype)
+    w13, w2 = randn(E, 2 * I, H, dtype=dtype, scale=0.2), randn(E, H, I, dtype=dtype, scale=0.2)
+    weights, ids = routing(T, E, k, used)
+    check(run(triton_moe.fused_moe, x, w13, w2, weights, ids), ref.fused_moe(x, w13, w2, weights, ids), dtype)
+
+
+def test_moe_align():
+    E, bm = 6, 4
+    _, ids = routing(11, E, 2, used=4)
+    pairs, experts = triton_moe.align(ids, E, bm)
+    flat = ids.reshape(-1).cpu()
+    pairs, experts = pairs.cpu(), experts.cpu()
+    real = pairs[pairs < flat.numel()]
+    assert sorted(real.tolist()) == list(range(flat.numel()))       # every pair exactly once
+    for b, e in enumerate(experts.tolist()):
+        tile = pairs[b * bm:(b + 1) * bm]
+        tile = tile[tile < flat.numel()]
+        if e < 0:
+            assert tile.numel() == 0
+        else:
+            assert tile.numel() > 0 and (flat[tile.long()] == e).all()  # one expert per tile, no empty tiles
+
+
+def test_moe_tuned_config(monkeypatch):
+    """A tuned table is looked up by (E, N) and the nearest M bucket at or above M; a non-default tile (with
+    launch-order grouping) computes the same thing."""
+    table = {"E=8,N=24": {"4": {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 4,
+                                "num_stages": 2},
+                          "64": {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 1, "num_warps": 4,
+                                 "num_stages": 2}}}
+    monkeypatch.setattr(triton_moe, "_config_file", lambda name: table)
+    triton_moe.get_config.cache_clear()
+    try:
+        assert triton_moe.get_config(3, 8, 24, 2)["BLOCK_M"] == 32
+        assert triton_moe.get_config(5, 8, 24, 2)["BLOCK_K"] == 64
+        assert triton_moe.get_config(500, 8, 24, 2)["BLOCK_K"] == 64
+        assert triton_moe.get_config(5, 8, 48, 2) == triton_moe.default_config(5, 8, 2)
+        T, E, k, H, I = 37, 8, 2, 40, 24
+        x = randn(T, H)
+        w13, w2 = randn(E, 2 * I, H, scale=0.2), randn(E, H, I, scale=0.2)
+        weights, ids = routing(T, E, k)
+        expected = ref.fused_moe(x, w13, w2, weights, ids)
+        check(run(triton_moe.fused_moe, x, w13, w2, weights, ids), expected, torch.float32)
+        grouped = table["E=8,N=24"]["4"]
+        check(run(triton_moe.fused_moe, x, w13, w2, weights, ids, config=grouped), expected, torch.float32)
+    finally:
+        triton_moe.get_config.cache_clear()
+
+
+# -- attention ----------------------------------------------------------------------------------------------
+
+def qsl_of(lens):
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+
+
+def paged_batch(seqs, nq, nkv, d, page, dtype):
+    """seqs: (tokens already cached, new tokens) per sequence; pages scattered over the pool, tables padded
+    with block 0 like the runner's."""
+    lens = [c + n for c, n in seqs]
+    need = [-(-L // page) for L in lens]
+    num_blocks = sum(need) + 2
+    perm = torch.randperm(num_blocks).tolist()
+    width = max(need)
+    tables, at = [], 0
+    for n in need:
+        tables.append(perm[at:at + n] + [0] * (width - n))
+        at += n
+    T = sum(n for _, n in seqs)
+    return (randn(T, nq, d, dtype=dtype), randn(num_blocks, page, nkv, d, dtype=dtype),
+            randn(num_blocks, page, nkv, d, dtype=dtype),
+            torch.tensor(tables, dtype=torch.int32, device=DEVICE),
+            torch.tensor(lens, dtype=torch.int32, device=DEVICE), qsl_of([n for _, n in seqs]))
+
+
+PAGED_CASES = {
+    # name: (seqs, page): prefill from 0, a chunk continuing a cached prefix, decode at position 0, a long
+    # decode; lengths cross page boundaries
+    "mixed": ([(0, 9), (12, 5), (0, 1), (36, 1)], 4),
+    "decode_only": ([(0, 1), (7, 1), (40, 1)], 4),
+    "page16": ([(3, 20), (16, 1), (31, 2)], 16),
+}
+GQA = {"g1": (2, 2), "g8": (8, 1), "g3": (6, 2)}
+
+
+@pytest.mark.parametrize("dtype", F32_F16)
+@pytest.mark.parametrize("case,gqa", [("mixed", "g1"), ("mixed", "g8"), ("mixed", "g3"), ("decode_only", "g8"),
+                                      ("decode_only", "g1"), ("page16", "g8")])
+def test_paged_attention(case, gqa, dtype):
+    seqs, page = PAGED_CASES[case]
+    nq, nkv = GQA[gqa]
+    args = paged_batch(seqs, nq, nkv, 16, page, dtype)
+    check(run(triton_attention.paged_attention, *args, 0.25), ref.paged_attention(*args, 0.25), dtype)
+
+
+@pytest.mark.parametrize("dtype", F32_F16)
+@pytest.mark.parametrize("splits", [2, 5])
+def test_paged_attention_split_k(splits, dtype):
+    """The split-K path (partials + merge kernel), on decodes and on a mixed batch; some splits are empty."""
+    args = paged_batch([(70, 1), (0, 1), (33, 1), (20, 6)], 8, 2, 16, 4, dtype)
+    out = run(triton_attention.paged_attention, *args, 0.25, num_splits=splits)
+    check(out, ref.paged_attention(*args, 0.25), dtype)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="long contexts are too slow for the interpreter")
+def test_paged_attention_long_decode_auto_split():
+    args = paged_batch([(8191, 1), (3000, 1)], 64, 8, 128, 16, torch.bfloat16)
+    check(run(triton_attention.paged_attention, *args, 128 ** -0.5), ref.paged_attention(*args, 128 ** -0.5),
+          torch.bfloat16)
+
+
+def ring_batch(seqs, window, ring_len, nq, nkv, d, dtype):
+    """seqs: (context before this step, new tokens); the ring holds whatever earlier steps left in it."""
+    S = len(seqs)
+    q, k, v = qkv_views(sum(n for _, n in seqs), nq, nkv, d, dtype)
+    ring = randn(S + 1, ring_len, nkv, d, dtype=dtype), randn(S + 1, ring_len, nkv, d, dtype=dtype)
+    slots = torch.randperm(S + 1, device=DEVICE)[:S]
+    ctx = torch.tensor([c for c, _ in seqs], dtype=torch.int32, device=DEVICE)
+    return q, k, v, *ring, slots, qsl_of([n for _, n in seqs]), ctx, window
+
+
+RING_CASES = {
+    # window 6, ring_len 8. "mixed": a prefill longer than the window, a decode, a decode at position 0, a
+    # decode and a chunk past the ring wrap-around; "window_edge": queries whose window starts exactly at
+    # the first cached / first fresh key.
+    "mixed": [(0, 9), (3, 1), (0, 1), (20, 1), (13, 4)],
+    "window_edge": [(5, 1), (6, 1), (7, 3), (2, 7)],
+    "decode_only": [(0, 1), (9, 1), (30, 1)],
+}
+
+
+@pytest.mark.parametrize("dtype", F32_F16)
+@pytest.mark.parametrize("case,gqa", [("mixed", "g1"), ("mixed", "g8"), ("mixed", "g3"), ("window_edge", "g8"),
+                                      ("decode_only", "g8"), ("decode_only", "g1")])
+def test_ring_attention(case, gqa, dtype):
+    nq, nkv = GQA[gqa]
+    args = ring_batch(RING_CASES[case], 6, 8, nq, nkv, 16, dtype)
+    check(run(triton_attention.ring_attention, *args, 0.25), ref.ring_attention(*args, 0.25), dtype)
+
+
+@pytest.mark.parametrize("dtype", F32_F16)
+@pytest.mark.parametrize("pool", ["paged", "ring"])
+def test_write_kv(pool, dtype):
+    _, k, v = qkv_views(7, 4, 2, 16, dtype)
+    shape = (5, 4, 2, 16) if pool == "paged" else (3, 8, 2, 16)   # [blocks, page] or [slots, ring_len]
+    kc, vc = randn(*shape, dtype=dtype), randn(*shape, dtype=dtype)
+    slots = torch.tensor([3, -1, 17, 0, -1, 19, 8], device=DEVICE)
+    kc2, vc2 = kc.clone(), vc.clone()
+    triton_attention.write_kv(k, v, kc, vc, slots)
+    ref.write_kv(k, v, kc2, vc2, slots)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
+# -- dispatch -----------------------------------------------------------------------------------------------
+
+def test_dispatch_env(monkeypatch):
+    x = torch.ones(2, device=DEVICE)
+    monkeypatch.delenv("EXASERVE_KERNELS", raising=False)
+    assert kernels.backend(x) == ("triton" if DEVICE == "cuda" else "torch")
+    assert kernels.backend(torch.ones(2)) == "torch"
+    for mode in ("torch", "triton"):
+        monkeypatch.setenv("EXASERVE_KERNELS", mode)
+        assert kernels.backend(x) == mode
+    monkeypatch.setenv("EXASERVE_KERNELS", "cuda")
+    with pytest.raises(ValueError):
+        kernels.backend(x)
+
+
+def test_dispatch_routes_to_triton(monkeypatch):
+    calls = []
+    monkeypatch.setattr(triton_norm, "rms_norm", lambda *a: calls.append(a) or "triton")
+    monkeypatch.setenv("EXASERVE_KERNELS", "triton")
+    x, w = randn(2, 8), randn(8)
+    assert kernels.rms_norm(x, w, 1e-5) == "triton" and len(calls) == 1
+    monkeypatch.setenv("EXASERVE_KERNELS", "torch")
+    assert torch.equal(kernels.rms_norm(x, w, 1e-5), ref.rms_norm(x, w, 1e-5))
+
+
+def test_kernels_import_without_triton():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, kernels\n"
+            "assert not kernels.HAS_TRITON\n"
+            "print(kernels.rms_norm(torch.ones(2, 4), torch.ones(4), 1e-5).sum().item())\n")
+    env = {k: v for k, v in os.environ.items() if k != "EXASERVE_KERNELS"}
+    env["PYTHONPATH"] = str(ROOT)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert float(res.stdout) == pytest.approx(8.0, rel=1e-4)
