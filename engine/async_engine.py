@@ -33,6 +33,19 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="exaserve-engine", daemon=True)
         self._thread.start()
 
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raises ValueError (with a clear message) for a request that can never run."""
+        self.core.validate(prompt_token_ids, params)
+
+    def describe(self) -> dict:
+        """Facts for the startup log: device, dtype, load time, pool sizes."""
+        kv, core = self.core.kv, self.core
+        return {"device": str(core.device), "dtype": str(core.dtype).removeprefix("torch."),
+                "load_seconds": core.load_seconds, "num_blocks": kv.paged.num_blocks,
+                "block_size": kv.paged.block_size, "paged_bytes": kv.paged.nbytes, "ring_slots": kv.ring.num_slots,
+                "ring_len": kv.ring.ring_len, "ring_bytes": kv.ring.nbytes, "max_model_len": core.max_model_len,
+                "num_speculative_tokens": core.num_spec_tokens}
+
     async def add_request(self, request_id: str, prompt_token_ids: list[int],
                           params: SamplingParams) -> AsyncIterator[DeltaOutput]:
         """Yields the request's deltas; leaving early (disconnect, cancellation) aborts it."""

@@ -253,7 +253,7 @@ class OpenAIServer:
         for ids, sp in zip(prompts, params):
             try:
                 # The engine would raise the same error, but only once the response had already started.
-                self.engine.core.validate(ids, sp)
+                self.engine.validate(ids, sp)
             except ValueError as exc:
                 raise ApiError(400, str(exc)) from None
         if self.max_queue is not None and self.num_waiting >= self.max_queue:

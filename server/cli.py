@@ -51,6 +51,10 @@ def _serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=os.environ.get("EXASERVE_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $EXASERVE_API_KEY)")
     parser.add_argument("--chat-template", type=Path, help="a Jinja2 file that replaces the checkpoint's template")
+    parser.add_argument("--num-speculative-tokens", type=int, default=0, choices=range(5),
+                        help="MTP draft tokens per step, 0 = off (needs the checkpoint's mtp.* weights)")
+    parser.add_argument("--spec-max-batch-size", type=_positive, default=32,
+                        help="no drafting in steps with more running requests than this")
     parser.add_argument("--max-queue", type=_positive,
                         help="answer 429 while this many requests wait for their first token (default: no limit)")
     return parser
@@ -76,12 +80,13 @@ def builtin_tiny_checkpoint() -> Path:
     return path
 
 
-def _describe_pools(engine) -> str:
-    kv = engine.core.kv
+def _describe_pools(info: dict) -> str:
     mib = 1 << 20
-    return (f"KV pools: {kv.paged.num_blocks} blocks x {kv.paged.block_size} tokens for global layers "
-            f"({kv.paged.nbytes / mib:.1f} MiB), {kv.ring.num_slots} ring slots x {kv.ring.ring_len} tokens for "
-            f"sliding layers ({kv.ring.nbytes / mib:.1f} MiB); max_model_len {engine.max_model_len}")
+    spec = info["num_speculative_tokens"]
+    return (f"KV pools: {info['num_blocks']} blocks x {info['block_size']} tokens for global layers "
+            f"({info['paged_bytes'] / mib:.1f} MiB), {info['ring_slots']} ring slots x {info['ring_len']} tokens "
+            f"for sliding layers ({info['ring_bytes'] / mib:.1f} MiB); max_model_len {info['max_model_len']}"
+            + (f"; MTP speculative decoding with {spec} draft tokens" if spec else ""))
 
 
 async def _log_stats(engine) -> None:
@@ -100,6 +105,11 @@ async def _log_stats(engine) -> None:
                      100 * stats["blocks_used"] / max(1, stats["blocks_total"]), stats["blocks_used"],
                      stats["blocks_total"], 100 * stats["ring_slots_used"] / max(1, stats["ring_slots_total"]),
                      stats["ring_slots_used"], stats["ring_slots_total"], stats["preemptions"])
+            if "acceptance_per_position" in stats:
+                log.info("Speculative decoding: acceptance per position %s, mean emitted per verify %.2f, "
+                         "drafting off in %d steps (batch too large)",
+                         " ".join(f"{r:.2f}" for r in stats["acceptance_per_position"]),
+                         stats["mean_emitted_per_verify"], stats["spec_disabled_steps"])
         last, last_time = stats, now
 
 
@@ -134,14 +144,16 @@ def serve(argv: list[str]) -> int:
         model, name = Path(args.model), args.served_model_name or args.model
     engine_args = {"dtype": args.dtype, "max_num_seqs": args.max_num_seqs,
                    "max_num_batched_tokens": args.max_num_batched_tokens, "max_model_len": args.max_model_len,
-                   "kv_cache_memory": args.kv_cache_memory}
+                   "kv_cache_memory": args.kv_cache_memory,
+                   "num_speculative_tokens": args.num_speculative_tokens,
+                   "spec_max_batch_size": args.spec_max_batch_size}
     try:
         engine = AsyncEngine(str(model), **{k: v for k, v in engine_args.items() if v is not None})
     except (OSError, ValueError) as exc:  # no checkpoint there, a config we cannot serve, pools that do not fit
         sys.exit(f"exaserve: cannot serve {model}: {exc}")
-    log.info("Loaded %s in %.1f s on %s (%s)", model, engine.core.load_seconds, engine.core.device,
-             str(engine.core.dtype).removeprefix("torch."))
-    log.info(_describe_pools(engine))
+    info = engine.describe()
+    log.info("Loaded %s in %.1f s on %s (%s)", model, info["load_seconds"], info["device"], info["dtype"])
+    log.info(_describe_pools(info))
     app = build_app(engine, served_model_name=name, api_key=args.api_key, chat_template=chat_template,
                     max_queue=args.max_queue)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_config=None))

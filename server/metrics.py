@@ -96,6 +96,23 @@ class Metrics:
             *_scalar("counter", "exaserve_requests_rejected_total", "Requests refused with 429 (queue full).",
                      self.rejected),
         ]
+        if "acceptance_per_position" in stats:
+            lines += [
+                *_scalar("counter", "exaserve_spec_drafts_proposed_total", "MTP draft tokens verified.",
+                         stats["drafts_proposed"]),
+                *_scalar("counter", "exaserve_spec_drafts_accepted_total", "MTP draft tokens accepted.",
+                         stats["drafts_accepted"]),
+                *_scalar("gauge", "exaserve_spec_mean_emitted_tokens",
+                         "Mean tokens emitted per verification (accepted drafts + 1).",
+                         stats["mean_emitted_per_verify"]),
+                *_scalar("counter", "exaserve_spec_disabled_steps_total",
+                         "Steps without drafting because the batch was above --spec-max-batch-size.",
+                         stats["spec_disabled_steps"]),
+                "# HELP exaserve_spec_acceptance_rate Acceptance rate of the draft at each position.",
+                "# TYPE exaserve_spec_acceptance_rate gauge",
+                *(f'exaserve_spec_acceptance_rate{{position="{j + 1}"}} {_number(rate)}'
+                  for j, rate in enumerate(stats["acceptance_per_position"])),
+            ]
         for histogram in (self.ttft, self.tpot, self.e2e):
             lines += histogram.render()
         return "\n".join(lines) + "\n"

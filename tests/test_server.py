@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import httpx
 import pytest
 
 from engine import LLM, SamplingParams
+from engine.tiny import make_tiny_checkpoint
 from server.chat_template import prompt_ends_in_reasoning, render_chat
 from server.cli import builtin_tiny_checkpoint
 from server.parsers import THINK_END, THINK_START, TOOL_END, TOOL_START, parse_full
@@ -283,3 +285,21 @@ def test_cli_refuses_a_missing_checkpoint(tmp_path):
     result = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", str(tmp_path / "none")],
                             capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert result.returncode != 0 and "cannot serve" in result.stderr
+
+
+def test_speculative_decoding_server_equals_plain_and_exports_metrics(tiny_model, live_server, offline):
+    """--num-speculative-tokens 2: greedy completions equal the plain engine's, and /metrics shows the MTP
+    counters (the tiny checkpoint's MTP block is random, so few drafts are accepted)."""
+    with live_server(tiny_model, "--dtype", "float32", "--num-speculative-tokens", "2") as live:
+        client = live.openai()
+        for prompt in ([5, 6, 7, 8], [100, 200, 300]):
+            got = client.completions.create(model=str(tiny_model), prompt=prompt, max_tokens=12, **GREEDY)
+            assert got.choices[0].text == offline_text(offline, prompt, 12)
+        samples = live.metrics()
+        assert samples["exaserve_spec_drafts_proposed_total"] > 0
+        assert 0 <= samples["exaserve_spec_drafts_accepted_total"] <= samples["exaserve_spec_drafts_proposed_total"]
+        assert 'exaserve_spec_acceptance_rate{position="2"}' in httpx.get(f"{live.url}/metrics").text
+    with pytest.raises(RuntimeError, match="MTP block"):
+        no_mtp = make_tiny_checkpoint(Path(tempfile.mkdtemp()), with_mtp=False)
+        with live_server(no_mtp, "--num-speculative-tokens", "1"):
+            pass
