@@ -78,12 +78,9 @@ class Attention(nn.Module):
     def forward(self, x, positions, meta: AttnMetadata, k_cache, v_cache, rope):
         T = x.shape[0]
         q, k, v = F.linear(x, self.qkv).split([self.nq * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
-        q = kernels.rms_norm(q.reshape(T, self.nq, self.d), self.q_norm, self.eps)
-        k = kernels.rms_norm(k.reshape(T, self.nkv, self.d), self.k_norm, self.eps)
+        q, k = kernels.qk_norm_rope(q.reshape(T, self.nq, self.d), k.reshape(T, self.nkv, self.d), self.q_norm,
+                                    self.k_norm, self.eps, positions, *rope, self.use_rope)
         v = v.reshape(T, self.nkv, self.d)
-        if self.use_rope:
-            q = kernels.rope(q, positions, *rope)
-            k = kernels.rope(k, positions, *rope)
         if self.sliding:
             # Attend first, then store: a chunk longer than ring_len - window would overwrite rows that its
             # own earlier queries still read.

@@ -95,5 +95,5 @@ def verify(sampler: Sampler, logits: torch.Tensor, rows: list[SamplingRow],
 
 def _draw(p: torch.Tensor, generator) -> int:
     """One draw from an unnormalised distribution (exponential race, as the sampler does)."""
-    noise = torch.empty_like(p).exponential_(generator=generator).clamp_min_(torch.finfo(p.dtype).tiny)
+    noise = torch.empty_like(p).uniform_(generator=generator).log_().neg_().clamp_min_(torch.finfo(p.dtype).tiny)
     return int((p / noise).argmax())
