@@ -27,18 +27,23 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 @triton.jit
+def _tile(N, num_m_blocks, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of this program in grouped launch order: GROUP_M row tiles in a row share
+    each weight column tile while it is in L2."""
+    pid = tl.program_id(0)
+    per_group = GROUP_M * ((N + BLOCK_N - 1) // BLOCK_N)
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.where(num_m_blocks - first_m < GROUP_M, num_m_blocks - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_size, (pid % per_group) // group_size
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ptr, expert_ptr, num_pairs, top_k, N, K, num_m_blocks,
                     sxm, swe, swn, swk, shm,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                     UPCAST: tl.constexpr, PREC: tl.constexpr):
     """h[row, n] = silu(x[tok] . w[e, n]) * (x[tok] . w[e, N + n]) for the rows of one expert's tile."""
-    # grouped launch order: GROUP_M row tiles in a row share each weight column tile while it is in L2
-    pid = tl.program_id(0)
-    per_group = GROUP_M * ((N + BLOCK_N - 1) // BLOCK_N)
-    first_m = (pid // per_group) * GROUP_M
-    group_size = tl.where(num_m_blocks - first_m < GROUP_M, num_m_blocks - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
+    pid_m, pid_n = _tile(N, num_m_blocks, BLOCK_N, GROUP_M)
     e = tl.load(expert_ptr + pid_m)
     if e < 0:
         return
@@ -78,13 +83,7 @@ def _down_kernel(h_ptr, w_ptr, y_ptr, sorted_ptr, expert_ptr, weight_ptr, num_pa
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                  UPCAST: tl.constexpr, PREC: tl.constexpr):
     """y[pair, n] = routing_weight[pair] * (h[row] . w[e, n]) in fp32, for the rows of one expert's tile."""
-    # grouped launch order: GROUP_M row tiles in a row share each weight column tile while it is in L2
-    pid = tl.program_id(0)
-    per_group = GROUP_M * ((N + BLOCK_N - 1) // BLOCK_N)
-    first_m = (pid // per_group) * GROUP_M
-    group_size = tl.where(num_m_blocks - first_m < GROUP_M, num_m_blocks - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
+    pid_m, pid_n = _tile(N, num_m_blocks, BLOCK_N, GROUP_M)
     e = tl.load(expert_ptr + pid_m)
     if e < 0:
         return
