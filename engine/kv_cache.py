@@ -8,6 +8,7 @@ drafts), so memory per sequence is constant whatever the prompt length or prefil
 """
 from __future__ import annotations
 
+import mmap
 from collections import deque
 from dataclasses import dataclass
 
@@ -16,13 +17,27 @@ import torch
 from engine.config import ModelConfig
 
 
+def _zeros(shape, dtype, device) -> torch.Tensor:
+    """A zeroed pool. On CPU it is an anonymous mapping: the OS hands out zero pages on first touch, so
+    resident memory grows with the blocks actually used rather than the pool's size."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    n = 1
+    for dim in shape:
+        n *= dim
+    if n == 0:
+        return torch.zeros(shape, dtype=dtype)
+    nbytes = n * torch.empty((), dtype=dtype).element_size()
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
+
+
 class PagedPool:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype, device):
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = _zeros(shape, dtype, device)
+        self.v = _zeros(shape, dtype, device)
         self._free = deque(range(num_blocks))
 
     @property
@@ -56,8 +71,8 @@ class RingPool:
                  dtype, device):
         self.num_slots, self.ring_len = num_slots, ring_len
         shape = (num_layers, num_slots, ring_len, num_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = _zeros(shape, dtype, device)
+        self.v = _zeros(shape, dtype, device)
         self._free = deque(range(num_slots))
 
     @property
