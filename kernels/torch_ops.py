@@ -102,15 +102,18 @@ def _attend(q, k, v, mask, scale):
 
     Scores and the weighted sum run in q's dtype, the softmax in fp32 (as the reference model does)."""
     B, lq, nq, d = q.shape
-    nkv = k.shape[2]
-    qh = q.view(B, lq, nkv, nq // nkv, d).permute(0, 2, 3, 1, 4)           # [B, nkv, g, lq, d]
-    kh = k.permute(0, 2, 3, 1)[:, :, None]                                  # [B, nkv, 1, d, lk]
-    vh = v.permute(0, 2, 1, 3)[:, :, None]                                  # [B, nkv, 1, lk, d]
-    scores = torch.matmul(qh, kh) * scale
+    nkv, lk = k.shape[2], k.shape[1]
+    g = nq // nkv
+    # The g query heads of a KV head become extra query rows: broadcasting K/V over them instead would make
+    # matmul materialise g copies of the keys.
+    qh = q.view(B, lq, nkv, g, d).permute(0, 2, 3, 1, 4).reshape(B, nkv, g * lq, d)
+    kh = k.permute(0, 2, 3, 1)                                              # [B, nkv, d, lk]
+    vh = v.permute(0, 2, 1, 3)                                              # [B, nkv, lk, d]
+    scores = (torch.matmul(qh, kh) * scale).view(B, nkv, g, lq, lk)
     scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(probs, vh)                                           # [B, nkv, g, lq, d]
-    return out.permute(0, 3, 1, 2, 4).reshape(B, lq, nq, d)
+    out = torch.matmul(probs.view(B, nkv, g * lq, lk), vh)                  # [B, nkv, g*lq, d]
+    return out.view(B, nkv, g, lq, d).permute(0, 3, 1, 2, 4).reshape(B, lq, nq, d)
 
 
 def _split(query_start_loc):

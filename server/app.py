@@ -423,7 +423,9 @@ class OpenAIServer:
                 logprobs = p.completion_logprobs(self.token_logprobs(delta.token_ids, delta.logprobs, top_n),
                                                  offsets[i])
             offsets[i] += len(delta.text)
-            if delta.text or logprobs or delta.finished:
+            # one chunk per step that produced tokens, even when they decode to no text yet (a partial
+            # character, a special token): clients see every token's timing, as with other servers
+            if delta.text or delta.token_ids or logprobs or delta.finished:
                 reason = delta.finish_reason if delta.finished else None
                 yield p.sse_event(p.completion_response(*meta, [p.completion_choice(i, delta.text, reason, logprobs)]))
             if delta.finished:
