@@ -39,6 +39,7 @@ class ModelConfig:
     pad_token_id: int | None = 0
     eos_token_ids: list[int] = field(default_factory=list)
     generation_defaults: dict = field(default_factory=dict)
+    checkpoint_dtype: str = "float32"   # what "auto" loads: float32 | bfloat16 | float16
 
     @property
     def sliding_layers(self) -> list[int]:
@@ -106,6 +107,8 @@ class ModelConfig:
             topk_group=topk_group, tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             rope_theta=rope_theta, num_mtp_layers=int(d.get("num_nextn_predict_layers", 0) or 0),
             bos_token_id=d.get("bos_token_id"), pad_token_id=d.get("pad_token_id"), eos_token_ids=eos_ids,
+            checkpoint_dtype={"bfloat16": "bfloat16", "float16": "float16"}.get(
+                str(d.get("dtype") or d.get("torch_dtype")), "float32"),
         )
 
     @classmethod

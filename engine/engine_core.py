@@ -1,7 +1,6 @@
 """The synchronous engine: scheduler + runner + per-request detokenization and stop conditions."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -25,12 +24,6 @@ log = logging.getLogger("exaserve.engine")
 GiB = 1 << 30
 
 
-def _checkpoint_dtype(path: Path) -> str:
-    cfg = json.loads((path / "config.json").read_text())
-    name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
-    return {"bfloat16": "bfloat16", "float16": "float16"}.get(name, "float32")
-
-
 class EngineCore:
     def __init__(self, model: str | Path, *, dtype: str = "auto", device: str = "auto", max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
@@ -42,7 +35,7 @@ class EngineCore:
         self.device = torch.device(device)
         self.model_config = cfg = ModelConfig.from_pretrained(path)
         self.tokenizer = Tokenizer.from_pretrained(path)
-        self.dtype = resolve_dtype(_checkpoint_dtype(path) if dtype == "auto" else dtype)
+        self.dtype = resolve_dtype(cfg.checkpoint_dtype if dtype == "auto" else dtype)
         if self.device.type == "cpu" and self.dtype != torch.float32:
             # CPUs without native bf16/fp16 matrix units run half-precision GEMMs 5-40x slower than fp32;
             # upcasting the weights once at load is exact and costs only memory.

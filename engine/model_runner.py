@@ -1,6 +1,7 @@
 """Turns a scheduled batch into flat tensors, runs the model once, samples or verifies drafts, drafts."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -118,10 +119,10 @@ class ModelRunner:
         if not live:
             return
         starts, counts, ids, rows, reqs = [], [], [], [], []
-        offsets = self._offsets(batch)
+        offsets = [0, *itertools.accumulate(batch.num_new_tokens)]
         for s, r in live:
-            start = r.num_computed_tokens - (batch.num_new_tokens[s] - result.num_rejected[s])
-            n = batch.num_new_tokens[s] - result.num_rejected[s]
+            n = batch.num_new_tokens[s] - result.num_rejected[s]     # positions this step made valid
+            start = r.num_computed_tokens - n
             starts.append(start)
             counts.append(n)
             ids += r.token_ids[start + 1:start + n + 1]
@@ -155,11 +156,3 @@ class ModelRunner:
             pos = [r.num_tokens - 1 + j for r in drafting]      # the drafted token's own position
             h = self.model.mtp_forward(tokens, h, self._t(pos), self._metadata(drafting, pos, [1] * len(drafting)),
                                        self.kv)
-
-    @staticmethod
-    def _offsets(batch: ScheduledBatch) -> list[int]:
-        out, acc = [], 0
-        for n in batch.num_new_tokens:
-            out.append(acc)
-            acc += n
-        return out

@@ -151,7 +151,6 @@ def test_stop_strings_cut_text(tiny_dir):
 def test_streamed_deltas_add_up(tiny_dir):
     llm = LLM(tiny_dir, dtype="float32")
     core = llm.engine
-    stop = None
     full = llm.generate(["Cooking rice"], SamplingParams(max_tokens=25, **GREEDY))[0].outputs[0]
     stop = full.text[10:13]
     core.add_request("s", llm.tokenizer.encode("Cooking rice"), SamplingParams(max_tokens=25, stop=[stop], **GREEDY))

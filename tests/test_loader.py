@@ -41,6 +41,9 @@ def test_config_traps():
                                "mlp_layer_types": ["sparse"] * 8})
     assert c.layer_types == ["full"] * 8 and c.mlp_types == ["sparse"] * 8
     assert ModelConfig.from_dict(BASE).rope_theta == 10000.0
+    assert ModelConfig.from_dict(BASE).checkpoint_dtype == "float32"
+    assert ModelConfig.from_dict({**BASE, "torch_dtype": "bfloat16"}).checkpoint_dtype == "bfloat16"   # legacy key
+    assert ModelConfig.from_dict({**BASE, "dtype": "float16"}).checkpoint_dtype == "float16"
 
 
 @pytest.mark.parametrize("change, message", [
