@@ -62,8 +62,7 @@ class EngineCore:
                                  max_rollback=num_speculative_tokens,
                                  extra_ring_layers=1 if num_speculative_tokens else 0, dtype=self.dtype,
                                  device=self.device)
-        self.scheduler = Scheduler(self.kv, max_num_seqs=max_num_seqs,
-                                   max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len)
+        self.scheduler = Scheduler(self.kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv, self.device, num_speculative_tokens, spec_max_batch_size)
         self.requests: dict[str, Request] = {}
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0, "aborted": 0, "steps": 0}
