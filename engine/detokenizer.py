@@ -28,10 +28,13 @@ class IncrementalDetokenizer:
         self.ids.append(token_id)
         before = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=self.skip)
         after = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=self.skip)
-        if len(after) <= len(before) or after.endswith("\ufffd"):
+        if after.endswith("\ufffd"):
             return None
         new = after[len(before):]
+        # advance even when the tokens made no text (skipped specials): the decoded tail stays short
         self.prefix, self.read = self.read, len(self.ids)
+        if not new:
+            return None
         start = max(0, len(self.text) - self.holdback)
         self.text += new
         hits = [(i, s) for s in self.stop if (i := self.text.find(s, start)) >= 0]
