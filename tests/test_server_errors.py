@@ -1,5 +1,6 @@
 """Bad requests get the OpenAI error envelope with the right status, and never hurt the server."""
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -132,15 +133,25 @@ def poll_until_accepted(http, request, timeout=60.0):
     return response
 
 
-def test_full_queue_is_429_then_recovers(http):
-    long = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 3000, "ignore_eos": True, "stream": True}
+def test_full_queue_is_429_then_recovers(server, http):
+    long = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 4000, "ignore_eos": True, "stream": True}
     small = completion()
     with http.stream("POST", "/v1/completions", json=long) as running:
-        assert next(running.iter_lines()).startswith("data: ")  # it has the only seat and a token
-        with http.stream("POST", "/v1/completions", json=long) as waiting:
-            assert waiting.status_code == 200  # admitted: it waits for the seat
+        lines = running.iter_lines()  # kept referenced: a dropped line iterator closes the connection
+        assert next(lines).startswith("data: ")  # it has the only seat and a token
+        # The second request's response headers may only come with its first token, i.e. after the seat frees:
+        # open it from a thread and wait until the engine reports it queued.
+        with httpx.Client(base_url=server.url, headers=server.headers(), timeout=120) as other, \
+                ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(lambda: other.post("/v1/completions", json={**long, "max_tokens": 2}))
+            deadline = time.monotonic() + 30
+            while server.metrics()["exaserve_num_requests_waiting"] < 1:
+                assert time.monotonic() < deadline, "the second request never queued"
+                time.sleep(0.01)
             check_error(post(http, small), 429, ["--max-queue 1"])
             check_error(post(http, chat(stream=True)), 429)
+            running.close()  # frees the seat: the queued request then runs and completes
+            assert waiting.result().status_code == 200
     assert poll_until_accepted(http, small).status_code == 200
 
 
