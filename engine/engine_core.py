@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+import kernels
+
 from engine.config import ModelConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import KVCache
@@ -35,12 +37,18 @@ class EngineCore:
         self.device = torch.device(device)
         self.model_config = cfg = ModelConfig.from_pretrained(path)
         self.tokenizer = Tokenizer.from_pretrained(path)
-        self.dtype = resolve_dtype(cfg.checkpoint_dtype if dtype == "auto" else dtype)
+        stored = resolve_dtype(cfg.checkpoint_dtype if dtype == "auto" else dtype)
+        self.weight_dtype = self.dtype = stored
         if self.device.type == "cpu" and self.dtype != torch.float32:
-            # CPUs without native bf16/fp16 matrix units run half-precision GEMMs 5-40x slower than fp32;
-            # upcasting the weights once at load is exact and costs only memory.
-            log.info("CPU: computing the %s weights in float32", str(self.dtype).removeprefix("torch."))
+            # CPUs without native bf16/fp16 matrix units run half-precision torch GEMMs 5-40x slower than fp32, so
+            # activations are fp32 (self.dtype: activations and KV cache). The C++ kernels read bf16 weights
+            # as they are (half the bytes per step, exact widening in registers); otherwise the weights are
+            # upcast once at load, which is exact and costs only memory.
             self.dtype = torch.float32
+            if not (self.weight_dtype == torch.bfloat16 and kernels.backend(torch.empty(0)) == "cpu"):
+                self.weight_dtype = torch.float32
+            log.info("CPU: %s weights kept as %s, computed in float32", str(stored).removeprefix("torch."),
+                     str(self.weight_dtype).removeprefix("torch."))
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
@@ -48,7 +56,7 @@ class EngineCore:
         if not 0 <= num_speculative_tokens <= 4:
             raise ValueError(f"num_speculative_tokens must be 0..4, got {num_speculative_tokens}")
         t0 = time.monotonic()
-        self.model = load_model(path, self.dtype, self.device, cfg)
+        self.model = load_model(path, self.weight_dtype, self.device, cfg, act_dtype=self.dtype)
         if num_speculative_tokens and self.model.mtp is None:
             raise ValueError(f"num_speculative_tokens={num_speculative_tokens} needs the checkpoint's MTP block "
                              f"(mtp.* tensors), and {path} has none; use num_speculative_tokens=0")

@@ -134,14 +134,16 @@ def weight_targets(model: ExaoneMoeModel) -> dict[str, torch.Tensor]:
     return t
 
 
-def load_model(path: str | Path, dtype="float32", device="cpu", cfg: ModelConfig | None = None) -> ExaoneMoeModel:
+def load_model(path: str | Path, dtype="float32", device="cpu", cfg: ModelConfig | None = None,
+               act_dtype=None) -> ExaoneMoeModel:
+    """Weights in `dtype`; activations in `act_dtype` (default: the same)."""
     path = Path(path)
     cfg = cfg or ModelConfig.from_pretrained(path)
     dtype = resolve_dtype(dtype)
     files = checkpoint_files(path)
     with_mtp = any(name.startswith("mtp.") for name in files)
     with torch.device(device):
-        model = ExaoneMoeModel(cfg, dtype=dtype, with_mtp=with_mtp)
+        model = ExaoneMoeModel(cfg, dtype=dtype, with_mtp=with_mtp, act_dtype=act_dtype)
     targets = weight_targets(model)
     ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
 

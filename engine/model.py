@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import kernels
@@ -39,7 +38,7 @@ class MLP(nn.Module):
         self.down = _param(hidden, width, dtype=dtype)
 
     def forward(self, x):
-        return F.linear(kernels.silu_and_mul(F.linear(x, self.gate_up)), self.down)
+        return kernels.mlp(x, self.gate_up, self.down)
 
 
 class MoE(nn.Module):
@@ -57,8 +56,8 @@ class MoE(nn.Module):
         c = self.cfg
         weights, ids = kernels.moe_route(x, self.router, self.bias, c.top_k, c.n_group, c.topk_group,
                                          c.norm_topk_prob, c.routed_scaling_factor)
-        out = kernels.fused_moe(x, self.w13, self.w2, weights, ids)
-        return out + self.shared(x) if self.shared is not None else out
+        shared = (None, None) if self.shared is None else (self.shared.gate_up, self.shared.down)
+        return kernels.moe(x, self.w13, self.w2, weights, ids, *shared)
 
 
 class Attention(nn.Module):
@@ -77,7 +76,7 @@ class Attention(nn.Module):
 
     def forward(self, x, positions, meta: AttnMetadata, k_cache, v_cache, rope):
         T = x.shape[0]
-        q, k, v = F.linear(x, self.qkv).split([self.nq * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
+        q, k, v = kernels.linear(x, self.qkv).split([self.nq * self.d, self.nkv * self.d, self.nkv * self.d], dim=-1)
         q, k = kernels.qk_norm_rope(q.reshape(T, self.nq, self.d), k.reshape(T, self.nkv, self.d), self.q_norm,
                                     self.k_norm, self.eps, positions, *rope, self.use_rope)
         v = v.reshape(T, self.nkv, self.d)
@@ -91,7 +90,7 @@ class Attention(nn.Module):
             kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
             o = kernels.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                         meta.query_start_loc, self.scale)
-        return F.linear(o.reshape(T, self.nq * self.d), self.o)
+        return kernels.linear(o.reshape(T, self.nq * self.d), self.o)
 
 
 class DecoderLayer(nn.Module):
@@ -127,9 +126,12 @@ class MTPBlock(nn.Module):
 
 
 class ExaoneMoeModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype=torch.float32, with_mtp: bool = False):
+    def __init__(self, cfg: ModelConfig, dtype=torch.float32, with_mtp: bool = False, act_dtype=None):
         super().__init__()
         self.cfg = cfg
+        # Weights are stored in `dtype`, activations computed in `act_dtype` (the same, except on CPU, where the
+        # C++ kernels read bf16 weights and compute in fp32).
+        self.act_dtype = act_dtype or dtype
         self.eps = cfg.rms_norm_eps
         self.embed = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(
@@ -153,7 +155,7 @@ class ExaoneMoeModel(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids, positions, meta: AttnMetadata, kv) -> torch.Tensor:
         """Returns the final-normed hidden states [T, H] (the lm_head input; MTP drafts from them too)."""
-        x = self.embed[input_ids]
+        x = self.embed[input_ids].to(self.act_dtype)
         for layer, idx in zip(self.layers, self.pool_index):
             pool = kv.ring if layer.sliding else kv.paged
             x = layer(x, positions, meta, pool.k[idx], pool.v[idx], self.rope)
@@ -161,7 +163,7 @@ class ExaoneMoeModel(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        return kernels.linear(hidden, self.lm_head).float()
 
     @torch.inference_mode()
     def mtp_forward(self, next_ids, hidden, positions, meta: AttnMetadata, kv) -> torch.Tensor:
@@ -169,9 +171,9 @@ class ExaoneMoeModel(nn.Module):
         previous draft step when chaining). Returns the MTP's final-normed output, whose logits predict
         t_{i+2} and which is the `h` of the next chained step."""
         m = self.mtp
-        x = torch.cat((kernels.rms_norm(self.embed[next_ids], m.norm_embedding, self.eps),
+        x = torch.cat((kernels.rms_norm(self.embed[next_ids].to(self.act_dtype), m.norm_embedding, self.eps),
                        kernels.rms_norm(hidden, m.norm_hidden, self.eps)), dim=-1)
-        x = F.linear(x, m.fc)
+        x = kernels.linear(x, m.fc)
         ring = len(self.cfg.sliding_layers)          # the ring pool's extra last layer
         x = m.layer(x, positions, meta, kv.ring.k[ring], kv.ring.v[ring], self.rope)
         return kernels.rms_norm(x, m.norm, self.eps)

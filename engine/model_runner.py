@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+import kernels
+
 from engine.kv_cache import KVCache
 from engine.model import AttnMetadata, ExaoneMoeModel
 from engine.request import Request
@@ -147,7 +149,7 @@ class ModelRunner:
             return
         h = h[last]
         for j in range(max(budgets)):
-            tokens = self.model.compute_logits(h).argmax(dim=-1)
+            tokens = kernels.argmax(self.model.compute_logits(h))
             for r, t, k in zip(drafting, tokens.tolist(), budgets):
                 if j < k:
                     r.spec_token_ids.append(t)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+import kernels
 from engine.sampling_params import SamplingParams
 
 NEG_INF = float("-inf")
@@ -46,12 +47,12 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         logits = self._on_device(logits)
-        x = self.process(logits, rows)
-        token_ids = x.argmax(dim=-1)
+        x = self.process(logits, rows, copy=False)
+        token_ids = kernels.argmax(x)
         sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
         if sampled:
             probs = x[sampled].softmax(dim=-1)
-            token_ids[sampled] = (probs / self._exponential_noise(probs, [rows[i] for i in sampled])).argmax(dim=-1)
+            token_ids[sampled] = kernels.argmax(probs / self._exponential_noise(probs, [rows[i] for i in sampled]))
         return SamplerOutput(token_ids.tolist(), self.logprobs(logits, rows, token_ids))
 
     def probs(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -63,9 +64,12 @@ class Sampler:
             probs[greedy] = torch.nn.functional.one_hot(x[greedy].argmax(dim=-1), x.shape[-1]).float()
         return probs
 
-    def process(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        """Apply every processor in order to a fp32 copy of logits [S, V]; the input is left untouched."""
+    def process(self, logits: torch.Tensor, rows: list[SamplingRow], copy: bool = True) -> torch.Tensor:
+        """Apply every processor in order to a fp32 copy of logits [S, V]; the input is left untouched.
+        copy=False: when no processor applies, fp32 logits are returned as they are (the caller won't write)."""
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (tuple(logits.shape), len(rows))
+        if not copy and logits.dtype == torch.float32 and not any(_processed(row) for row in rows):
+            return self._on_device(logits)
         x = self._on_device(logits).to(torch.float32, copy=True)
         _apply_logit_bias(x, rows)
         _apply_min_tokens(x, rows)
@@ -108,6 +112,13 @@ class Sampler:
                 noise[i].uniform_(generator=row.generator)
         # U = 1 gives 0, and 0/0 on a filtered token would be NaN (argmax picks NaN).
         return noise.log_().neg_().clamp_min_(torch.finfo(noise.dtype).tiny)
+
+
+def _processed(row: SamplingRow) -> bool:
+    """Whether any processor may change this row's logits."""
+    p = row.params
+    return (not p.greedy or bool(p.logit_bias) or len(row.output_token_ids) < p.min_tokens
+            or (p.repetition_penalty, p.frequency_penalty, p.presence_penalty) != (1.0, 0.0, 0.0))
 
 
 def _column(values: list, like: torch.Tensor, dtype=torch.float32) -> torch.Tensor:

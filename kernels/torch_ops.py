@@ -18,6 +18,17 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     return rms_norm(s, weight, eps), s
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T, computed in x's dtype (a weight stored narrower, e.g. bf16 beside fp32 activations, is
+    widened first)."""
+    return F.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype))
+
+
+def mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """SwiGLU MLP: down(silu(gate x) * up x); gate_up [2I, H] holds the gate rows first."""
+    return linear(silu_and_mul(linear(x, gate_up)), down)
+
+
 def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """NeoX rotate-half RoPE over the full head dim. x [T, n, d]; cos/sin [max_pos, d/2] fp32 tables."""
     half = x.shape[-1] // 2
@@ -55,6 +66,11 @@ def moe_route(x, gate_weight, bias, top_k: int, n_group: int = 1, topk_group: in
     return weights * scaling, ids
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax of a 2-D tensor (int64)."""
+    return x.argmax(dim=-1)
+
+
 def fused_moe(x, w13, w2, topk_weights, topk_ids):
     """Routed experts: sum_k w_k * down_e(silu(gate_e x) * up_e x), accumulated in fp32.
 
@@ -72,8 +88,8 @@ def fused_moe(x, w13, w2, topk_weights, topk_ids):
         if n == 0:
             continue
         end = start + n
-        h = silu_and_mul(F.linear(xs[start:end], w13[e]))
-        routed[start:end] = F.linear(h, w2[e]).float()
+        h = silu_and_mul(linear(xs[start:end], w13[e]))
+        routed[start:end] = linear(h, w2[e]).float()
         start = end
     routed *= topk_weights.reshape(-1)[order, None]
     out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)

@@ -1,0 +1,911 @@
+// CPU kernels for exaserve: GEMM with fp32 or bf16 weights (fp32 activations and accumulation), the whole
+// MoE block (routed experts + shared expert) in one call, sliding-window ring attention, paged attention,
+// KV writes, RMSNorm and the q/k norm + RoPE front of attention.
+//
+// Why: on a CPU without bf16 matrix units, torch runs bf16 GEMMs far slower than fp32, and fp32 weights
+// double the bytes a decode step reads. Here bf16 weights are widened in registers (exact), so a step reads
+// half the bytes and computes in fp32. And each op is one call instead of tens of small torch ops, which
+// at small batch cost more in dispatch than in arithmetic.
+//
+// Vectors use GCC vector extensions (16 floats = one AVX-512 register; the compiler splits them on
+// narrower ISAs), so the file builds for whatever -march=native offers. Threads: OpenMP, linked against
+// the libgomp torch already loaded, so kernels share torch's thread team instead of adding a second one.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef uint16_t h16 __attribute__((vector_size(32)));
+typedef uint32_t u16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+typedef float v2 __attribute__((vector_size(8)));
+
+using bf16 = uint16_t;
+
+inline v16 load(const float* p) {
+  v16 r;
+  std::memcpy(&r, p, sizeof r);
+  return r;
+}
+inline v16 load(const bf16* p) {  // 16 bf16 -> fp32: the bf16 bits are the high half of the fp32
+  h16 h;
+  std::memcpy(&h, p, sizeof h);
+  u16 u = __builtin_convertvector(h, u16) << 16;
+  v16 r;
+  std::memcpy(&r, &u, sizeof r);
+  return r;
+}
+inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+inline float scalar(float x) { return x; }
+inline float scalar(bf16 h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline float hsum(v16 v) {
+  v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  v2 c = __builtin_shufflevector(b, b, 0, 1) + __builtin_shufflevector(b, b, 2, 3);
+  return c[0] + c[1];
+}
+
+// Sixteen horizontal sums at once: lane i of the result is the sum of acc[i]'s lanes (15 two-source
+// shuffles + adds instead of 16 separate reductions).
+inline v16 reduce16(const v16* a) {
+  v16 r1[8], r2[4], r3[2];
+  for (int i = 0; i < 8; ++i)
+    r1[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+            __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
+                                    31);
+  for (int i = 0; i < 4; ++i)
+    r2[i] = __builtin_shufflevector(r1[2 * i], r1[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26,
+                                    27) +
+            __builtin_shufflevector(r1[2 * i], r1[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30,
+                                    31);
+  for (int i = 0; i < 2; ++i)
+    r3[i] = __builtin_shufflevector(r2[2 * i], r2[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28,
+                                    29) +
+            __builtin_shufflevector(r2[2 * i], r2[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30,
+                                    31);
+  return __builtin_shufflevector(r3[0], r3[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(r3[0], r3[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+inline float dot(const float* a, const float* b, int n) {
+  v16 acc{};
+  int i = 0;
+  for (; i + 16 <= n; i += 16) acc += load(a + i) * load(b + i);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy(float a, const float* x, float* y, int n) {  // y += a * x
+  int i = 0;
+  for (; i + 16 <= n; i += 16) store(y + i, load(y + i) + a * load(x + i));
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+// e^x for 16 lanes: 2^n * e^r with n = round(x / ln2), |r| <= ln2/2, degree-6 Taylor for e^r (relative error
+// ~2e-7); inputs clamped to the normal fp32 range (e^-87.3 ~ 1e-38 stands in for 0).
+inline v16 vexp(v16 x) {
+  const v16 lo = v16{} - 87.3f, hi = v16{} + 88.7f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const v16 magic = v16{} + 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const v16 n = (x * 1.44269504088896341f + magic) - magic;
+  const v16 r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+  v16 p = v16{} + (1.0f / 720);
+  p = p * r + (1.0f / 120);
+  p = p * r + (1.0f / 24);
+  p = p * r + (1.0f / 6);
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  typedef int32_t i16v __attribute__((vector_size(64)));
+  const i16v bits = (__builtin_convertvector(n, i16v) + 127) << 23;
+  v16 scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// y[i] = e^(x[i] - shift) for n values (in place allowed); returns their sum.
+inline float exp_sum(const float* x, float shift, float* y, int n) {
+  v16 acc{};
+  int i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const v16 e = vexp(load(x + i) - shift);
+    store(y + i, e);
+    acc += e;
+  }
+  float s = hsum(acc);
+  if (i < n) {
+    float buf[16] = {0};
+    std::memcpy(buf, x + i, (n - i) * sizeof(float));
+    const v16 e = vexp(load(buf) - shift);
+    store(buf, e);
+    for (int j = 0; j < n - i; ++j) {
+      y[i + j] = buf[j];
+      s += buf[j];
+    }
+  }
+  return s;
+}
+
+// out[i] = silu(gate[i]) * up[i]
+inline void silu_mul(const float* gate, const float* up, float* out, int n) {
+  int i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const v16 g = load(gate + i);
+    store(out + i, g / (1.0f + vexp(-g)) * load(up + i));
+  }
+  for (; i < n; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+}
+
+int num_threads() { return std::max(1, at::get_num_threads()); }
+
+// ---------------------------------------------------------------------------------------------------------
+// GEMM: out[m][n] = sum_k x_m[k] * w[n][k]  (x rows by pointer, fp32; w rows of ldw elements, fp32 or bf16)
+
+// One MR x NR tile of dot products over the whole K.
+template <int MR, int NR, typename W>
+inline void tile(const float* const* x, const W* w, int64_t ldw, int K, float* out, int64_t ldo) {
+  v16 acc[MR * NR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR * NR; ++i) acc[i] = v16{};
+  int k = 0;
+  for (; k + 16 <= K; k += 16) {
+    v16 xv[MR];
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) xv[m] = load(x[m] + k);
+#pragma GCC unroll 16
+    for (int n = 0; n < NR; ++n) {
+      v16 wv = load(w + n * ldw + k);
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; ++m) acc[m * NR + n] += xv[m] * wv;
+    }
+  }
+  float res[MR * NR];
+  if constexpr (MR * NR == 16) {
+    store(res, reduce16(acc));
+  } else {
+    for (int i = 0; i < MR * NR; ++i) res[i] = hsum(acc[i]);
+  }
+  for (; k < K; ++k)
+    for (int n = 0; n < NR; ++n) {
+      float wk = scalar(w[n * ldw + k]);
+      for (int m = 0; m < MR; ++m) res[m * NR + n] += x[m][k] * wk;
+    }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NR; ++n) out[m * ldo + n] = res[m * NR + n];
+}
+
+// Rows [0, M) x columns [0, N) of out, single-threaded; the caller splits work between threads.
+template <typename W>
+void gemm_block(const float* const* x, int M, const W* w, int64_t ldw, int N, int K, float* out, int64_t ldo) {
+  if constexpr (std::is_same_v<W, bf16>) {
+    if (M >= 16) {  // widen the weight rows once and reuse them for every row tile (compute-bound from here)
+      thread_local std::vector<float> wide;
+      wide.resize(size_t(N) * K);
+      for (int n = 0; n < N; ++n) {
+        const bf16* src = w + n * ldw;
+        float* dst = wide.data() + size_t(n) * K;
+        int k = 0;
+        for (; k + 16 <= K; k += 16) store(dst + k, load(src + k));
+        for (; k < K; ++k) dst[k] = scalar(src[k]);
+      }
+      gemm_block<float>(x, M, wide.data(), K, N, K, out, ldo);
+      return;
+    }
+  }
+  if (M == 1) {
+    int n = 0;
+    for (; n + 16 <= N; n += 16) tile<1, 16>(x, w + n * ldw, ldw, K, out + n, ldo);
+    for (; n + 4 <= N; n += 4) tile<1, 4>(x, w + n * ldw, ldw, K, out + n, ldo);
+    for (; n < N; ++n) tile<1, 1>(x, w + n * ldw, ldw, K, out + n, ldo);
+    return;
+  }
+  if (M <= 3) {
+    int n = 0;
+    for (; n + 8 <= N; n += 8) {
+      tile<2, 8>(x, w + n * ldw, ldw, K, out + n, ldo);
+      if (M == 3) tile<1, 8>(x + 2, w + n * ldw, ldw, K, out + 2 * ldo + n, ldo);
+    }
+    for (; n < N; ++n) {
+      for (int m = 0; m < M; ++m) tile<1, 1>(x + m, w + n * ldw, ldw, K, out + m * ldo + n, ldo);
+    }
+    return;
+  }
+  int n = 0;
+  for (; n + 4 <= N; n += 4) {
+    const W* wn = w + n * ldw;
+    int m = 0;
+    for (; m + 4 <= M; m += 4) tile<4, 4>(x + m, wn, ldw, K, out + m * ldo + n, ldo);
+    for (; m + 2 <= M; m += 2) tile<2, 4>(x + m, wn, ldw, K, out + m * ldo + n, ldo);
+    for (; m < M; ++m) tile<1, 4>(x + m, wn, ldw, K, out + m * ldo + n, ldo);
+  }
+  for (; n < N; ++n) {
+    int m = 0;
+    for (; m + 4 <= M; m += 4) tile<4, 1>(x + m, w + n * ldw, ldw, K, out + m * ldo + n, ldo);
+    for (; m < M; ++m) tile<1, 1>(x + m, w + n * ldw, ldw, K, out + m * ldo + n, ldo);
+  }
+}
+
+void check_weight(const torch::Tensor& w, const char* name) {
+  TORCH_CHECK(w.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, name,
+              " must be float32 or bfloat16, got ", w.scalar_type());
+  TORCH_CHECK(w.stride(-1) == 1, name, " must have unit stride in its last dim");
+}
+
+void check_act(const torch::Tensor& x, const char* name, int dim) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor");
+  TORCH_CHECK(x.dim() == dim, name, " must have ", dim, " dims, got ", x.dim());
+}
+
+template <typename F>
+void parallel_items(int64_t n, F&& fn) {
+  if (n <= 0) return;
+  const int nt = n > 1 ? num_threads() : 1;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+  for (int64_t i = 0; i < n; ++i) fn(i);
+}
+
+// Rows of x in blocks of BM, columns in blocks of BN: small enough that both operand blocks stay in cache.
+constexpr int BM = 64, BN = 64;
+
+template <typename W>
+void linear_impl(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& out) {
+  const int M = x.size(0), K = x.size(1), N = w.size(0);
+  const int64_t ldx = x.stride(0), ldw = w.stride(0);
+  const float* xp = x.data_ptr<float>();
+  const W* wp = reinterpret_cast<const W*>(w.data_ptr());
+  float* op = out.data_ptr<float>();
+  const int mb = (M + BM - 1) / BM, nb = (N + BN - 1) / BN;
+  parallel_items(int64_t(mb) * nb, [&](int64_t item) {
+    const int m0 = (item % mb) * BM, n0 = (item / mb) * BN;
+    const int bm = std::min(BM, M - m0), bn = std::min(BN, N - n0);
+    const float* rows[BM];
+    for (int i = 0; i < bm; ++i) rows[i] = xp + (m0 + i) * ldx;
+    gemm_block(rows, bm, wp + n0 * ldw, ldw, bn, K, op + int64_t(m0) * N + n0, N);
+  });
+}
+
+torch::Tensor linear(torch::Tensor x, torch::Tensor w) {
+  check_act(x, "x", 2);
+  check_weight(w, "weight");
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1), "linear: x ", x.sizes(), " and weight ", w.sizes(),
+              " do not match");
+  if (x.stride(1) != 1) x = x.contiguous();
+  auto out = torch::empty({x.size(0), w.size(0)}, x.options());
+  if (w.scalar_type() == at::kBFloat16)
+    linear_impl<bf16>(x, w, out);
+  else
+    linear_impl<float>(x, w, out);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// MoE: routed experts + optional shared expert, out[t] = sum_j w_tj * down_e(silu(gate_e x) * up_e x) + shared
+
+struct Group {       // one expert and the token rows routed to it
+  const void* w13;   // [2I, H]: gate rows then up rows
+  const void* w2;    // [H, I]
+  int I;
+  std::vector<int> tok;      // token of each row
+  std::vector<float> scale;  // routing weight of each row
+  std::vector<int> dest;     // row of the partial-output buffer it writes
+  int64_t inter_off = 0;     // its rows in the intermediate buffer
+};
+
+// Work items are (expert, a block of columns); blocks are sized so that there are about 8 items per thread.
+int block_cols(int64_t total_cols, int lo, int hi) {
+  const int64_t want = total_cols / (8 * num_threads());
+  return int(std::clamp<int64_t>((want + 15) / 16 * 16, lo, hi));
+}
+
+template <typename W>
+void run_groups(const float* x, int64_t ldx, int H, std::vector<Group>& groups, float* inter, float* part) {
+  int64_t total_i = 0;
+  for (const Group& G : groups) total_i += G.I;
+  const int JB = block_cols(total_i, 16, 128), HB = block_cols(int64_t(groups.size()) * H, 16, 128);
+  // phase 1: inter = silu(x W_gate^T) * (x W_up^T)
+  std::vector<std::pair<int, int>> items;
+  for (int g = 0; g < (int)groups.size(); ++g)
+    for (int j = 0; j < groups[g].I; j += JB) items.emplace_back(g, j);
+  parallel_items(items.size(), [&](int64_t it) {
+    const Group& G = groups[items[it].first];
+    const int j0 = items[it].second, bj = std::min(JB, G.I - j0), M = G.tok.size();
+    const W* w13 = static_cast<const W*>(G.w13);
+    thread_local std::vector<const float*> rows;
+    thread_local std::vector<float> gate, up;
+    rows.resize(M);
+    gate.resize(size_t(M) * JB);
+    up.resize(size_t(M) * JB);
+    for (int m = 0; m < M; ++m) rows[m] = x + int64_t(G.tok[m]) * ldx;
+    for (int m0 = 0; m0 < M; m0 += BM) {
+      const int bm = std::min(BM, M - m0);
+      gemm_block(rows.data() + m0, bm, w13 + int64_t(j0) * H, H, bj, H, gate.data() + m0 * JB, JB);
+      gemm_block(rows.data() + m0, bm, w13 + int64_t(G.I + j0) * H, H, bj, H, up.data() + m0 * JB, JB);
+    }
+    float* dst = inter + G.inter_off;
+    for (int m = 0; m < M; ++m) silu_mul(gate.data() + m * JB, up.data() + m * JB, dst + int64_t(m) * G.I + j0, bj);
+  });
+  // phase 2: part[dest] = scale * (inter W_down^T)
+  items.clear();
+  for (int g = 0; g < (int)groups.size(); ++g)
+    for (int h = 0; h < H; h += HB) items.emplace_back(g, h);
+  parallel_items(items.size(), [&](int64_t it) {
+    const Group& G = groups[items[it].first];
+    const int h0 = items[it].second, bh = std::min(HB, H - h0), M = G.tok.size();
+    const W* w2 = static_cast<const W*>(G.w2);
+    thread_local std::vector<const float*> rows;
+    thread_local std::vector<float> buf;
+    rows.resize(M);
+    buf.resize(size_t(M) * HB);
+    for (int m = 0; m < M; ++m) rows[m] = inter + G.inter_off + int64_t(m) * G.I;
+    for (int m0 = 0; m0 < M; m0 += BM) {
+      const int bm = std::min(BM, M - m0);
+      gemm_block(rows.data() + m0, bm, w2 + int64_t(h0) * G.I, G.I, bh, G.I, buf.data() + m0 * HB, HB);
+    }
+    for (int m = 0; m < M; ++m) {
+      float* d = part + int64_t(G.dest[m]) * H + h0;
+      const float sc = G.scale[m];
+      for (int h = 0; h < bh; ++h) d[h] = sc * buf[m * HB + h];
+    }
+  });
+}
+
+// x [T, H]; w13 [E, 2I, H]; w2 [E, H, I]; topk_weights [T, k] fp32; topk_ids [T, k] int64;
+// shared_gate_up [2Is, H] and shared_down [H, Is] optional (an empty tensor = none). E may be 0 (dense MLP).
+torch::Tensor moe(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, torch::Tensor topk_weights,
+                  torch::Tensor topk_ids, torch::Tensor shared_gate_up, torch::Tensor shared_down) {
+  check_act(x, "x", 2);
+  if (x.stride(1) != 1) x = x.contiguous();
+  const int T = x.size(0), H = x.size(1);
+  const bool has_shared = shared_gate_up.numel() > 0;
+  const bool has_routed = w13.numel() > 0 && topk_ids.numel() > 0;
+  TORCH_CHECK(has_shared || has_routed, "moe: neither routed nor shared experts given");
+  at::ScalarType wtype = has_routed ? w13.scalar_type() : shared_gate_up.scalar_type();
+  std::vector<Group> groups;
+  int k = 0;
+  if (has_routed) {
+    check_weight(w13, "w13");
+    check_weight(w2, "w2");
+    TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3 && w13.size(2) == H && w2.size(1) == H &&
+                    w13.size(1) == 2 * w2.size(2) && w13.size(0) == w2.size(0),
+                "moe: w13 ", w13.sizes(), " / w2 ", w2.sizes(), " do not match x ", x.sizes());
+    TORCH_CHECK(w13.is_contiguous() && w2.is_contiguous(), "moe: expert weights must be contiguous");
+    TORCH_CHECK(w2.scalar_type() == wtype, "moe: w13 and w2 dtypes differ");
+    TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == T && topk_weights.sizes() == topk_ids.sizes(),
+                "moe: topk_ids ", topk_ids.sizes(), " / topk_weights ", topk_weights.sizes(), " for ", T,
+                " tokens");
+    auto ids = topk_ids.to(at::kLong).contiguous();
+    auto wts = topk_weights.to(at::kFloat).contiguous();
+    const int E = w13.size(0), I = w2.size(2);
+    k = ids.size(1);
+    const int64_t* idp = ids.data_ptr<int64_t>();
+    const float* wp = wts.data_ptr<float>();
+    std::vector<int> group_of(E, -1);
+    const size_t es = w13.element_size();
+    for (int t = 0; t < T; ++t)
+      for (int j = 0; j < k; ++j) {
+        const int64_t e = idp[t * k + j];
+        TORCH_CHECK(e >= 0 && e < E, "moe: expert id ", e, " out of range [0, ", E, ")");
+        if (group_of[e] < 0) {
+          group_of[e] = groups.size();
+          Group G;
+          G.w13 = static_cast<const char*>(w13.data_ptr()) + e * w13.stride(0) * es;
+          G.w2 = static_cast<const char*>(w2.data_ptr()) + e * w2.stride(0) * es;
+          G.I = I;
+          groups.push_back(std::move(G));
+        }
+        Group& G = groups[group_of[e]];
+        G.tok.push_back(t);
+        G.scale.push_back(wp[t * k + j]);
+        G.dest.push_back(t * k + j);
+      }
+  }
+  if (has_shared) {
+    check_weight(shared_gate_up, "shared_gate_up");
+    check_weight(shared_down, "shared_down");
+    TORCH_CHECK(shared_gate_up.scalar_type() == wtype && shared_down.scalar_type() == wtype,
+                "moe: shared and routed expert dtypes differ");
+    TORCH_CHECK(shared_gate_up.is_contiguous() && shared_down.is_contiguous() && shared_gate_up.dim() == 2 &&
+                    shared_gate_up.size(1) == H && shared_down.dim() == 2 && shared_down.size(0) == H &&
+                    shared_gate_up.size(0) == 2 * shared_down.size(1),
+                "moe: shared expert ", shared_gate_up.sizes(), " / ", shared_down.sizes(), " do not match x ",
+                x.sizes());
+    Group G;
+    G.w13 = shared_gate_up.data_ptr();
+    G.w2 = shared_down.data_ptr();
+    G.I = shared_down.size(1);
+    for (int t = 0; t < T; ++t) {
+      G.tok.push_back(t);
+      G.scale.push_back(1.0f);
+      G.dest.push_back(T * k + t);
+    }
+    groups.push_back(std::move(G));
+  }
+  int64_t inter_rows = 0;
+  for (auto& G : groups) {
+    G.inter_off = inter_rows;
+    inter_rows += int64_t(G.tok.size()) * G.I;
+  }
+  const int P = T * k + (has_shared ? T : 0);
+  std::vector<float> inter(inter_rows), part(int64_t(P) * H);
+  if (T > 0) {
+    if (wtype == at::kBFloat16)
+      run_groups<bf16>(x.data_ptr<float>(), x.stride(0), H, groups, inter.data(), part.data());
+    else
+      run_groups<float>(x.data_ptr<float>(), x.stride(0), H, groups, inter.data(), part.data());
+  }
+  auto out = torch::empty({T, H}, x.options());
+  float* op = out.data_ptr<float>();
+  const float* pp = part.data();
+  const int per_tok = k + (has_shared ? 1 : 0);
+  at::parallel_for(0, T, 16, [&](int64_t a, int64_t b) {
+    for (int64_t t = a; t < b; ++t) {
+      float* o = op + t * H;
+      std::fill(o, o + H, 0.0f);
+      for (int j = 0; j < k; ++j) axpy(1.0f, pp + (t * k + j) * H, o, H);
+      if (per_tok > k) axpy(1.0f, pp + (int64_t(T) * k + t) * H, o, H);
+    }
+  });
+  return out;
+}
+
+// Router: sigmoid scores, selection by score + bias (optionally within the best groups), weights from the raw
+// scores, renormalised and scaled. Returns (weights fp32 [T, k], ids int64 [T, k]); ids in descending order of
+// score + bias, ties to the lower expert id.
+std::vector<torch::Tensor> moe_route(torch::Tensor x, torch::Tensor gate, torch::Tensor bias, int64_t top_k,
+                                     int64_t n_group, int64_t topk_group, bool norm_topk_prob, double scaling) {
+  check_act(x, "x", 2);
+  TORCH_CHECK(gate.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat && gate.dim() == 2 &&
+                  gate.size(1) == x.size(1) && bias.numel() == gate.size(0),
+              "moe_route: router ", gate.sizes(), " / bias ", bias.sizes(), " for x ", x.sizes());
+  const int64_t T = x.size(0), E = gate.size(0);
+  TORCH_CHECK(top_k >= 1 && top_k <= E && n_group >= 1 && E % n_group == 0 && topk_group >= 1 &&
+                  topk_group <= n_group,
+              "moe_route: bad top_k / n_group / topk_group");
+  if (x.stride(1) != 1) x = x.contiguous();
+  auto g = gate.contiguous();
+  auto b = bias.contiguous();
+  auto logits = torch::empty({T, E}, x.options());
+  linear_impl<float>(x, g, logits);
+  auto weights = torch::empty({T, top_k}, x.options());
+  auto ids = torch::empty({T, top_k}, x.options().dtype(at::kLong));
+  const float *lp = logits.data_ptr<float>(), *bp = b.data_ptr<float>();
+  float* wp = weights.data_ptr<float>();
+  int64_t* ip = ids.data_ptr<int64_t>();
+  const int64_t per_group = E / n_group;
+  at::parallel_for(0, T, 16, [&](int64_t a, int64_t e_) {
+    std::vector<float> score(E), choice(E), gscore(n_group);
+    const float ninf = -std::numeric_limits<float>::infinity();
+    for (int64_t t = a; t < e_; ++t) {
+      for (int64_t e = 0; e < E; ++e) {
+        score[e] = 1.0f / (1.0f + std::exp(-lp[t * E + e]));
+        choice[e] = score[e] + bp[e];
+      }
+      if (n_group > 1) {  // keep the topk_group groups whose two best choices sum highest
+        for (int64_t gi = 0; gi < n_group; ++gi) {
+          float b1 = ninf, b2 = ninf;
+          for (int64_t e = gi * per_group; e < (gi + 1) * per_group; ++e) {
+            const float c = choice[e];
+            if (c > b1) {
+              b2 = b1;
+              b1 = c;
+            } else if (c > b2) {
+              b2 = c;
+            }
+          }
+          gscore[gi] = per_group >= 2 ? b1 + b2 : b1;
+        }
+        std::vector<char> keep(n_group, 0);
+        for (int64_t r = 0; r < topk_group; ++r) {
+          int64_t best = -1;
+          for (int64_t gi = 0; gi < n_group; ++gi)
+            if (!keep[gi] && (best < 0 || gscore[gi] > gscore[best])) best = gi;
+          keep[best] = 1;
+        }
+        for (int64_t e = 0; e < E; ++e)
+          if (!keep[e / per_group]) choice[e] = ninf;
+      }
+      float sum = 0.0f;
+      for (int64_t j = 0; j < top_k; ++j) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; ++e)
+          if (choice[e] == choice[e] && (best < 0 || choice[e] > choice[best])) best = e;
+        if (best < 0) best = 0;  // all NaN: nothing sensible to pick
+        choice[best] = std::numeric_limits<float>::quiet_NaN();  // taken
+        ip[t * top_k + j] = best;
+        wp[t * top_k + j] = score[best];
+        sum += score[best];
+      }
+      const float div = norm_topk_prob ? sum + 1e-20f : 1.0f;
+      for (int64_t j = 0; j < top_k; ++j) wp[t * top_k + j] = wp[t * top_k + j] / div * float(scaling);
+    }
+  });
+  return {weights, ids};
+}
+
+// Index of the largest value of each row of x [S, V] (the first one on ties; a NaN counts as largest, as in
+// torch.argmax).
+torch::Tensor argmax_rows(torch::Tensor x) {
+  check_act(x, "x", 2);
+  if (x.stride(1) != 1) x = x.contiguous();
+  const int64_t S = x.size(0), V = x.size(1);
+  TORCH_CHECK(V > 0, "argmax_rows: empty rows");
+  auto out = torch::empty({S}, x.options().dtype(at::kLong));
+  int64_t* op = out.data_ptr<int64_t>();
+  const float* xp = x.data_ptr<float>();
+  const int64_t ld = x.stride(0);
+  at::parallel_for(0, S, 1, [&](int64_t a, int64_t b) {
+    for (int64_t r = a; r < b; ++r) {
+      const float* row = xp + r * ld;
+      typedef int32_t i16v __attribute__((vector_size(64)));
+      v16 mx = v16{} - std::numeric_limits<float>::infinity();
+      i16v nan{};
+      int64_t i = 0;
+      for (; i + 16 <= V; i += 16) {
+        const v16 v = load(row + i);
+        mx = v > mx ? v : mx;
+        nan |= v != v;
+      }
+      bool any_nan = false;
+      float m = mx[0];
+      for (int j = 0; j < 16; ++j) {
+        m = std::max(m, mx[j]);
+        any_nan |= nan[j] != 0;
+      }
+      for (; i < V; ++i) {
+        m = std::max(m, row[i]);
+        any_nan |= row[i] != row[i];
+      }
+      int64_t idx = 0;
+      for (int64_t j = 0; j < V; ++j)
+        if (any_nan ? row[j] != row[j] : row[j] == m) {
+          idx = j;
+          break;
+        }
+      op[r] = idx;
+    }
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Norms
+
+template <typename W>
+void rms_row(const float* x, const W* w, float eps, float* y, int n) {
+  const float r = 1.0f / std::sqrt(dot(x, x, n) / n + eps);
+  for (int i = 0; i < n; ++i) y[i] = scalar(w[i]) * (x[i] * r);
+}
+
+template <typename W>
+void rms_rows(const float* x, int64_t ldx, const W* w, float eps, float* y, int64_t T, int H) {
+  at::parallel_for(0, T, 64, [&](int64_t a, int64_t b) {
+    for (int64_t t = a; t < b; ++t) rms_row(x + t * ldx, w, eps, y + t * H, H);
+  });
+}
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  check_act(x, "x", 2);
+  check_weight(w, "weight");
+  if (x.stride(1) != 1) x = x.contiguous();
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(1) && w.is_contiguous(), "rms_norm: weight ", w.sizes(),
+              " for x ", x.sizes());
+  auto y = torch::empty(x.sizes(), x.options());
+  if (w.scalar_type() == at::kBFloat16)
+    rms_rows(x.data_ptr<float>(), x.stride(0), reinterpret_cast<const bf16*>(w.data_ptr()), eps,
+             y.data_ptr<float>(), x.size(0), x.size(1));
+  else
+    rms_rows(x.data_ptr<float>(), x.stride(0), w.data_ptr<float>(), eps, y.data_ptr<float>(), x.size(0),
+             x.size(1));
+  return y;
+}
+
+std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w, double eps) {
+  check_act(x, "x", 2);
+  check_act(residual, "residual", 2);
+  TORCH_CHECK(x.sizes() == residual.sizes(), "add_rms_norm: x ", x.sizes(), " residual ", residual.sizes());
+  auto s = torch::add(x, residual);
+  return {rms_norm(s, w, eps), s};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// q/k RMSNorm per head + NeoX RoPE. q [T, nq, d], k [T, nkv, d] (any row/head strides, unit last stride).
+
+template <typename W>
+void norm_rope_rows(const torch::Tensor& src, const W* w, float eps, const int64_t* pos, const float* cosp,
+                    const float* sinp, bool use_rope, torch::Tensor& dst) {
+  const int64_t T = src.size(0), nh = src.size(1);
+  const int d = src.size(2), half = d / 2;
+  const int64_t st = src.stride(0), sh = src.stride(1);
+  const float* s = src.data_ptr<float>();
+  float* o = dst.data_ptr<float>();
+  at::parallel_for(0, T * nh, 64, [&](int64_t a, int64_t b) {
+    std::vector<float> y(d);
+    for (int64_t i = a; i < b; ++i) {
+      const int64_t t = i / nh, h = i % nh;
+      float* out = o + i * d;
+      rms_row(s + t * st + h * sh, w, eps, use_rope ? y.data() : out, d);
+      if (!use_rope) continue;
+      const float* c = cosp + pos[t] * half;
+      const float* sn = sinp + pos[t] * half;
+      for (int j = 0; j < half; ++j) {
+        out[j] = y[j] * c[j] - y[j + half] * sn[j];
+        out[j + half] = y[j + half] * c[j] + y[j] * sn[j];
+      }
+    }
+  });
+}
+
+std::vector<torch::Tensor> qk_norm_rope(torch::Tensor q, torch::Tensor k, torch::Tensor qw, torch::Tensor kw,
+                                        double eps, torch::Tensor positions, torch::Tensor cos, torch::Tensor sin,
+                                        bool use_rope) {
+  check_act(q, "q", 3);
+  check_act(k, "k", 3);
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1, "qk_norm_rope: q/k need unit stride in the head dim");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(2) == k.size(2), "qk_norm_rope: q ", q.sizes(), " k ", k.sizes());
+  check_weight(qw, "q_weight");
+  check_weight(kw, "k_weight");
+  TORCH_CHECK(qw.scalar_type() == kw.scalar_type() && qw.is_contiguous() && kw.is_contiguous() &&
+                  qw.numel() == q.size(2) && kw.numel() == q.size(2),
+              "qk_norm_rope: norm weights must be [head_dim] of one dtype");
+  auto pos = positions.to(at::kLong).contiguous();
+  TORCH_CHECK(pos.numel() == q.size(0), "qk_norm_rope: one position per token");
+  const float *cp = nullptr, *sp = nullptr;
+  torch::Tensor c, s;
+  if (use_rope) {
+    c = cos.to(at::kFloat).contiguous();
+    s = sin.to(at::kFloat).contiguous();
+    TORCH_CHECK(c.dim() == 2 && c.size(1) * 2 == q.size(2) && s.sizes() == c.sizes(),
+                "qk_norm_rope: cos/sin must be [max_pos, head_dim/2]");
+    if (pos.numel()) {
+      const int64_t mx = pos.max().item<int64_t>(), mn = pos.min().item<int64_t>();
+      TORCH_CHECK(mn >= 0 && mx < c.size(0), "qk_norm_rope: position ", mx, " beyond the RoPE table (",
+                  c.size(0), ")");
+    }
+    cp = c.data_ptr<float>();
+    sp = s.data_ptr<float>();
+  }
+  auto qo = torch::empty(q.sizes(), q.options());
+  auto ko = torch::empty(k.sizes(), k.options());
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  if (qw.scalar_type() == at::kBFloat16) {
+    norm_rope_rows(q, reinterpret_cast<const bf16*>(qw.data_ptr()), eps, pp, cp, sp, use_rope, qo);
+    norm_rope_rows(k, reinterpret_cast<const bf16*>(kw.data_ptr()), eps, pp, cp, sp, use_rope, ko);
+  } else {
+    norm_rope_rows(q, qw.data_ptr<float>(), eps, pp, cp, sp, use_rope, qo);
+    norm_rope_rows(k, kw.data_ptr<float>(), eps, pp, cp, sp, use_rope, ko);
+  }
+  return {qo, ko};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// KV cache write: rows of k/v [T, nkv, d] (any strides, unit last) to flat slots of a cache [..., nkv, d].
+
+void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
+              torch::Tensor slot_mapping) {
+  check_act(k, "k", 3);
+  check_act(v, "v", 3);
+  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat &&
+                  k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "write_kv: caches must be contiguous float32");
+  const int64_t T = k.size(0), nkv = k.size(1), d = k.size(2);
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1 && v.sizes() == k.sizes(), "write_kv: k/v layout");
+  TORCH_CHECK(k_cache.size(-1) == d && k_cache.size(-2) == nkv, "write_kv: cache ", k_cache.sizes(), " for k ",
+              k.sizes());
+  const int64_t row = nkv * d, rows = k_cache.numel() / row;
+  auto slots = slot_mapping.to(at::kLong).contiguous();
+  TORCH_CHECK(slots.numel() == T, "write_kv: one slot per token");
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t s = sp[t];
+    if (s < 0) continue;
+    TORCH_CHECK(s < rows, "write_kv: slot ", s, " beyond the cache (", rows, " rows)");
+    for (int64_t h = 0; h < nkv; ++h) {
+      std::memcpy(kc + s * row + h * d, kp + t * k.stride(0) + h * k.stride(1), d * sizeof(float));
+      std::memcpy(vc + s * row + h * d, vp + t * v.stride(0) + h * v.stride(1), d * sizeof(float));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Attention. A work item is (sequence, kv head, a run of queries); for each query, the g query heads that
+// share the kv head are scored against its keys together, keys located by a functor (ring, fresh or paged).
+
+constexpr int QB = 16;  // queries per work item
+
+struct QueryRun {
+  int seq, head, q0, q1;  // rows [q0, q1) of q
+};
+
+// For query row i at position p: keys at positions [lo, p], key/value pointers from kv(j).
+template <typename KV>
+void attend_query(const float* q, int g, int d, float scale, int lo, int p, KV&& kv, float* out, int64_t out_head,
+                  std::vector<float>& sc, std::vector<float>& acc) {
+  const int L = p - lo + 1;
+  sc.resize(size_t(g) * L);
+  acc.assign(size_t(g) * d, 0.0f);
+  // scores, 16 keys at a time through the sixteen-way reduction when d allows
+  int j = 0;
+  if (d % 16 == 0) {
+    for (; j + 16 <= L; j += 16) {
+      const float* kp[16];
+      for (int u = 0; u < 16; ++u) kp[u] = kv(lo + j + u).first;
+      for (int gi = 0; gi < g; ++gi) {
+        const float* qr = q + gi * d;
+        v16 a[16];
+        for (int u = 0; u < 16; ++u) a[u] = v16{};
+        for (int c = 0; c < d; c += 16) {
+          const v16 qv = load(qr + c);
+#pragma GCC unroll 16
+          for (int u = 0; u < 16; ++u) a[u] += qv * load(kp[u] + c);
+        }
+        store(sc.data() + size_t(gi) * L + j, reduce16(a) * scale);
+      }
+    }
+  }
+  for (; j < L; ++j) {
+    const float* kp = kv(lo + j).first;
+    for (int gi = 0; gi < g; ++gi) sc[size_t(gi) * L + j] = dot(q + gi * d, kp, d) * scale;
+  }
+  for (int gi = 0; gi < g; ++gi) {
+    float* s = sc.data() + size_t(gi) * L;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int u = 0; u < L; ++u) mx = std::max(mx, s[u]);
+    const float inv = 1.0f / exp_sum(s, mx, s, L);
+    for (int u = 0; u < L; ++u) s[u] *= inv;
+  }
+  for (int u = 0; u < L; ++u) {
+    const float* vp = kv(lo + u).second;
+    for (int gi = 0; gi < g; ++gi) axpy(sc[size_t(gi) * L + u], vp, acc.data() + gi * d, d);
+  }
+  for (int gi = 0; gi < g; ++gi) std::memcpy(out + gi * out_head, acc.data() + gi * d, d * sizeof(float));
+}
+
+std::vector<QueryRun> query_runs(const int32_t* qsl, int S, int nkv) {
+  std::vector<QueryRun> runs;
+  for (int s = 0; s < S; ++s)
+    for (int h = 0; h < nkv; ++h)
+      for (int a = qsl[s]; a < qsl[s + 1]; a += QB) runs.push_back({s, h, a, std::min(qsl[s + 1], a + QB)});
+  return runs;
+}
+
+void check_attn(const torch::Tensor& q, const torch::Tensor& kc, const torch::Tensor& vc) {
+  check_act(q, "q", 3);
+  TORCH_CHECK(q.stride(2) == 1, "attention: q needs unit stride in the head dim");
+  TORCH_CHECK(kc.scalar_type() == at::kFloat && vc.scalar_type() == at::kFloat && kc.is_contiguous() &&
+                  vc.is_contiguous() && kc.sizes() == vc.sizes() && kc.dim() == 4,
+              "attention: caches must be contiguous float32 [n, len, nkv, d] of one shape");
+  TORCH_CHECK(kc.size(3) == q.size(2) && q.size(1) % kc.size(2) == 0, "attention: q ", q.sizes(), " cache ",
+              kc.sizes());
+}
+
+// q [T, nq, d]; k/v [T, nkv, d] (this step's keys, RoPE applied); k/v_ring [slots, ring_len, nkv, d].
+torch::Tensor ring_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_ring,
+                             torch::Tensor v_ring, torch::Tensor ring_slots, torch::Tensor query_start_loc,
+                             torch::Tensor context_lens, int64_t window, double scale) {
+  check_attn(q, k_ring, v_ring);
+  check_act(k, "k", 3);
+  check_act(v, "v", 3);
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1 && k.sizes() == v.sizes() && k.size(0) == q.size(0),
+              "ring_attention: k/v layout");
+  const int nq = q.size(1), nkv = k_ring.size(2), d = q.size(2), g = nq / nkv, ring_len = k_ring.size(1);
+  TORCH_CHECK(window >= 1 && window <= ring_len, "ring_attention: window ", window, " vs ring_len ", ring_len);
+  auto qsl = query_start_loc.to(at::kInt).contiguous();
+  auto ctx = context_lens.to(at::kLong).contiguous();
+  auto slots = ring_slots.to(at::kLong).contiguous();
+  const int S = ctx.numel();
+  TORCH_CHECK(qsl.numel() == S + 1 && slots.numel() == S, "ring_attention: metadata sizes");
+  const int32_t* qs = qsl.data_ptr<int32_t>();
+  const int64_t *cp = ctx.data_ptr<int64_t>(), *sp = slots.data_ptr<int64_t>();
+  for (int s = 0; s < S; ++s)
+    TORCH_CHECK(sp[s] >= 0 && sp[s] < k_ring.size(0), "ring_attention: ring slot ", sp[s], " out of range");
+  auto out = torch::empty(q.sizes(), q.options());
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float *kr = k_ring.data_ptr<float>(), *vr = v_ring.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t row = int64_t(nkv) * d;
+  auto runs = query_runs(qs, S, nkv);
+  parallel_items(runs.size(), [&](int64_t it) {
+    const QueryRun r = runs[it];
+    const int64_t c = cp[r.seq], a = qs[r.seq];
+    const float* kbase = kr + sp[r.seq] * ring_len * row + r.head * d;
+    const float* vbase = vr + sp[r.seq] * ring_len * row + r.head * d;
+    auto kv = [&](int64_t j) -> std::pair<const float*, const float*> {
+      if (j < c) return {kbase + (j % ring_len) * row, vbase + (j % ring_len) * row};
+      const int64_t t = a + (j - c);
+      return {kp + t * k.stride(0) + r.head * k.stride(1), vp + t * v.stride(0) + r.head * v.stride(1)};
+    };
+    thread_local std::vector<float> sc, acc;
+    for (int i = r.q0; i < r.q1; ++i) {
+      const int64_t p = c + (i - a);
+      const int64_t lo = std::max<int64_t>(0, p - window + 1);
+      attend_query(qp + i * q.stride(0) + int64_t(r.head) * g * d, g, d, scale, lo, p, kv,
+                   op + (int64_t(i) * nq + r.head * g) * d, d, sc, acc);
+    }
+  });
+  return out;
+}
+
+// q [T, nq, d]; k/v_cache [num_blocks, block_size, nkv, d] already holding this step's keys;
+// block_tables [S, max_blocks] int32; seq_lens [S] (context after this step); query_start_loc [S+1].
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                              torch::Tensor block_tables, torch::Tensor seq_lens, torch::Tensor query_start_loc,
+                              double scale) {
+  check_attn(q, k_cache, v_cache);
+  const int nq = q.size(1), nkv = k_cache.size(2), d = q.size(2), g = nq / nkv, bs = k_cache.size(1);
+  auto qsl = query_start_loc.to(at::kInt).contiguous();
+  auto lens = seq_lens.to(at::kLong).contiguous();
+  auto bt = block_tables.to(at::kInt).contiguous();
+  const int S = lens.numel();
+  TORCH_CHECK(qsl.numel() == S + 1 && bt.dim() == 2 && bt.size(0) == S, "paged_attention: metadata sizes");
+  const int32_t *qs = qsl.data_ptr<int32_t>(), *btp = bt.data_ptr<int32_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  const int64_t nblk = bt.size(1);
+  for (int s = 0; s < S; ++s) {
+    TORCH_CHECK((lp[s] + bs - 1) / bs <= nblk, "paged_attention: sequence ", s, " of ", lp[s],
+                " tokens has too few blocks");
+    TORCH_CHECK(qs[s + 1] - qs[s] <= lp[s], "paged_attention: more queries than context");
+    for (int64_t b = 0; b < (lp[s] + bs - 1) / bs; ++b)
+      TORCH_CHECK(btp[s * nblk + b] >= 0 && btp[s * nblk + b] < k_cache.size(0), "paged_attention: block id ",
+                  btp[s * nblk + b], " out of range");
+  }
+  auto out = torch::empty(q.sizes(), q.options());
+  const float *qp = q.data_ptr<float>(), *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t row = int64_t(nkv) * d;
+  auto runs = query_runs(qs, S, nkv);
+  parallel_items(runs.size(), [&](int64_t it) {
+    const QueryRun r = runs[it];
+    const int32_t* table = btp + r.seq * nblk;
+    auto kv = [&](int64_t j) -> std::pair<const float*, const float*> {
+      const int64_t off = (int64_t(table[j / bs]) * bs + j % bs) * row + r.head * d;
+      return {kc + off, vc + off};
+    };
+    thread_local std::vector<float> sc, acc;
+    const int64_t n = qs[r.seq + 1] - qs[r.seq];
+    for (int i = r.q0; i < r.q1; ++i) {
+      const int64_t p = lp[r.seq] - n + (i - qs[r.seq]);
+      attend_query(qp + i * q.stride(0) + int64_t(r.head) * g * d, g, d, scale, 0, p, kv,
+                   op + (int64_t(i) * nq + r.head * g) * d, d, sc, acc);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear", &linear, "x [M, K] fp32 @ w [N, K] (fp32 or bf16)^T -> [M, N] fp32");
+  m.def("moe", &moe, "routed + shared experts in one call");
+  m.def("moe_route", &moe_route);
+  m.def("argmax_rows", &argmax_rows);
+  m.def("rms_norm", &rms_norm);
+  m.def("add_rms_norm", &add_rms_norm);
+  m.def("qk_norm_rope", &qk_norm_rope);
+  m.def("write_kv", &write_kv);
+  m.def("ring_attention", &ring_attention);
+  m.def("paged_attention", &paged_attention);
+}

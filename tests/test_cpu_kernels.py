@@ -1,0 +1,242 @@
+"""The C++ CPU kernels (kernels/cpu/exa_cpu.cpp) against the torch path, on the CPU.
+
+Activations are fp32; weights fp32 or bf16 (the reference widens bf16 weights to fp32 first, so both are held
+to the fp32 tolerance). Shapes are chosen to hit every tile shape of the GEMM (1, 2, 3, 4+ rows, tails in N
+and K, the widened-weight path from 16 rows, row blocks of 64) and the attention edge cases shared with the
+Triton tests (tests/kernel_cases.py).
+"""
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import cpu_ops, fused_ops
+from kernels import torch_ops as ref
+from tests.kernel_cases import (GQA, MOE_CASES, PAGED_CASES, RING_CASES, check, paged_batch, qkv_views, ring_batch,
+                                rope_tables, routing)
+
+pytestmark = pytest.mark.skipif(not kernels.cpu.available(), reason="C++ CPU kernels did not build here")
+WEIGHTS = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def cpu(*tensors):
+    return [t.cpu() if isinstance(t, torch.Tensor) else t for t in tensors]
+
+
+def rn(*shape, scale=1.0):
+    return torch.randn(*shape) * scale
+
+
+def widened(w):
+    return w.float()
+
+
+# -- GEMM ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("wdtype", WEIGHTS)
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 17, 70, 130])
+@pytest.mark.parametrize("N,K", [(67, 40), (20, 64), (5, 200), (1, 16), (33, 7)])
+def test_linear(M, N, K, wdtype):
+    x = rn(M, K)
+    w = rn(N, K).to(wdtype)
+    check(cpu_ops.linear(x, w), F.linear(x, widened(w)), torch.float32)
+
+
+def test_linear_strided_rows_and_batch_dims():
+    base = rn(6, 50)
+    x = base[:, 3:43]                            # row stride 50, unit column stride
+    w = rn(24, 40).bfloat16()
+    check(cpu_ops.linear(x, w), F.linear(x, w.float()), torch.float32)
+    x3 = rn(2, 5, 40)
+    check(cpu_ops.linear(x3, w), F.linear(x3, w.float()), torch.float32)
+
+
+def test_linear_rejects_bad_input():
+    with pytest.raises(RuntimeError, match="do not match"):
+        cpu_ops.linear(rn(3, 8), rn(4, 9))
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        cpu_ops.linear(rn(3, 8), rn(4, 8).half())
+
+
+# -- MoE ----------------------------------------------------------------------------------------------------
+
+MOE_CPU_CASES = {**MOE_CASES,
+                 # 70 tokens on one expert: the widened-weight tiles and two row blocks
+                 "crowded": (70, 4, 1, 48, 40, 1),
+                 "bench_like": (32, 32, 4, 64, 32, None)}
+
+
+@pytest.mark.parametrize("wdtype", WEIGHTS)
+@pytest.mark.parametrize("case", MOE_CPU_CASES)
+def test_fused_moe(case, wdtype):
+    T, E, k, H, I, used = MOE_CPU_CASES[case]
+    x = rn(T, H)
+    w13, w2 = rn(E, 2 * I, H, scale=0.2).to(wdtype), rn(E, H, I, scale=0.2).to(wdtype)
+    weights, ids = cpu(*routing(T, E, k, used))
+    check(cpu_ops.fused_moe(x, w13, w2, weights, ids), ref.fused_moe(x, widened(w13), widened(w2), weights, ids),
+          torch.float32)
+
+
+@pytest.mark.parametrize("wdtype", WEIGHTS)
+@pytest.mark.parametrize("T", [1, 3, 19])
+def test_moe_with_shared_expert_and_mlp(T, wdtype):
+    E, k, H, I, Is = 6, 2, 48, 24, 40
+    x = rn(T, H)
+    w13, w2 = rn(E, 2 * I, H, scale=0.2).to(wdtype), rn(E, H, I, scale=0.2).to(wdtype)
+    sgu, sd = rn(2 * Is, H, scale=0.2).to(wdtype), rn(H, Is, scale=0.2).to(wdtype)
+    weights, ids = cpu(*routing(T, E, k))
+    shared = ref.mlp(x, widened(sgu), widened(sd))
+    check(cpu_ops.moe(x, w13, w2, weights, ids, sgu, sd),
+          ref.fused_moe(x, widened(w13), widened(w2), weights, ids) + shared, torch.float32)
+    check(cpu_ops.mlp(x, sgu, sd), shared, torch.float32)
+    # the dispatcher's composite (fused_moe + mlp) is what other devices run
+    check(kernels.moe(x, w13, w2, weights, ids, sgu, sd), cpu_ops.moe(x, w13, w2, weights, ids, sgu, sd),
+          torch.float32)
+
+
+def test_moe_rejects_bad_expert_id():
+    x, w13, w2 = rn(2, 16), rn(4, 16, 16), rn(4, 16, 8)
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpu_ops.fused_moe(x, w13, w2, torch.ones(2, 1), torch.tensor([[1], [4]]))
+
+
+@pytest.mark.parametrize("n_group,topk_group,norm", [(1, 1, True), (1, 1, False), (4, 2, True), (8, 3, True)])
+def test_moe_route(n_group, topk_group, norm):
+    T, E, H, k = 37, 32, 24, 4
+    x, gate, bias = rn(T, H), rn(E, H, scale=0.3), rn(E, scale=0.1)
+    w, ids = cpu_ops.moe_route(x, gate, bias, k, n_group, topk_group, norm, 2.5)
+    rw, rids = ref.moe_route(x, gate, bias, k, n_group, topk_group, norm, 2.5)
+    assert torch.equal(ids, rids)                # both in descending order of score + bias
+    check(w, rw, torch.float32)
+
+
+def test_argmax_ties_and_nan():
+    x = rn(5, 1000)
+    x[1, 7] = x[1, 900] = 50.0                     # tie: the first wins
+    x[2, 333] = float("nan")                       # NaN counts as the largest, as in torch
+    x[3, :] = -1.0
+    x[4, 999] = 99.0                               # in the scalar tail
+    assert torch.equal(cpu_ops.argmax(x), x.argmax(dim=-1))
+    y = rn(3, 37)
+    assert torch.equal(cpu_ops.argmax(y), y.argmax(dim=-1))
+
+
+# -- norms, q/k front, KV writes ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("wdtype", WEIGHTS)
+@pytest.mark.parametrize("layout", ["rows", "heads"])
+def test_rms_norm(layout, wdtype):
+    x = rn(7, 48) if layout == "rows" else qkv_views(5, 4, 2, 24, torch.float32)[0].cpu()
+    w = rn(x.shape[-1]).to(wdtype)
+    check(cpu_ops.rms_norm(x, w, 1e-5), ref.rms_norm(x, widened(w), 1e-5), torch.float32)
+
+
+def test_add_rms_norm():
+    x, r, w = rn(9, 40), rn(9, 40), rn(40)
+    out, s = cpu_ops.add_rms_norm(x, r, w, 1e-5)
+    ref_out, ref_s = ref.add_rms_norm(x, r, w, 1e-5)
+    check(out, ref_out, torch.float32)
+    check(s, ref_s, torch.float32)
+
+
+@pytest.mark.parametrize("d", [16, 24])
+@pytest.mark.parametrize("use_rope", [True, False])
+def test_qk_norm_rope(use_rope, d):
+    q, k, _ = cpu(*qkv_views(5, 8, 2, d, torch.float32))
+    qw, kw = rn(d), rn(d)
+    pos = torch.tensor([0, 3, 4, 9, 30])
+    cos, sin = cpu(*rope_tables(64, d))
+    got = cpu_ops.qk_norm_rope(q, k, qw, kw, 1e-5, pos, cos, sin, use_rope)
+    want = fused_ops.qk_norm_rope(q, k, qw, kw, 1e-5, pos, cos, sin, use_rope)
+    for g, w in zip(got, want):
+        check(g, w, torch.float32)
+    with pytest.raises(RuntimeError, match="beyond the RoPE table"):
+        cpu_ops.qk_norm_rope(q, k, qw, kw, 1e-5, pos + 40, cos, sin, True)
+
+
+@pytest.mark.parametrize("pool", ["paged", "ring"])
+def test_write_kv(pool):
+    _, k, v = cpu(*qkv_views(7, 4, 2, 16, torch.float32))
+    shape = (5, 4, 2, 16) if pool == "paged" else (3, 8, 2, 16)
+    kc, vc = rn(*shape), rn(*shape)
+    slots = torch.tensor([3, -1, 17, 0, -1, 19, 8])
+    kc2, vc2 = kc.clone(), vc.clone()
+    cpu_ops.write_kv(k, v, kc, vc, slots)
+    ref.write_kv(k, v, kc2, vc2, slots)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    with pytest.raises(RuntimeError, match="beyond the cache"):
+        cpu_ops.write_kv(k, v, kc, vc, slots + 100)
+
+
+# -- attention ----------------------------------------------------------------------------------------------
+
+PAIRS = [("mixed", "g1"), ("mixed", "g8"), ("mixed", "g3"), ("decode_only", "g8"), ("decode_only", "g1")]
+
+
+@pytest.mark.parametrize("d", [16, 24])
+@pytest.mark.parametrize("case,gqa", PAIRS + [("page16", "g8")])
+def test_paged_attention(case, gqa, d):
+    seqs, page = PAGED_CASES[case]
+    nq, nkv = GQA[gqa]
+    args = cpu(*paged_batch(seqs, nq, nkv, d, page, torch.float32))
+    check(cpu_ops.paged_attention(*args, 0.25), ref.paged_attention(*args, 0.25), torch.float32)
+
+
+def test_paged_attention_long_context():
+    """Contexts of hundreds of keys (the 16-key blocks and the vectorised softmax), d=64, a prefill chunk."""
+    args = cpu(*paged_batch([(300, 1), (517, 1), (40, 70)], 8, 2, 64, 16, torch.float32))
+    check(cpu_ops.paged_attention(*args, 0.125), ref.paged_attention(*args, 0.125), torch.float32)
+
+
+@pytest.mark.parametrize("d", [16, 24])
+@pytest.mark.parametrize("case,gqa", PAIRS + [("window_edge", "g8")])
+def test_ring_attention(case, gqa, d):
+    nq, nkv = GQA[gqa]
+    args = cpu(*ring_batch(RING_CASES[case], 6, 8, nq, nkv, d, torch.float32))
+    check(cpu_ops.ring_attention(*args, 0.25), ref.ring_attention(*args, 0.25), torch.float32)
+
+
+def test_ring_attention_window_128():
+    """The real window: decodes far past the wrap-around and a 200-token chunk (longer than the window)."""
+    args = cpu(*ring_batch([(1000, 1), (129, 1), (0, 200), (77, 3)], 128, 132, 8, 2, 64, torch.float32))
+    check(cpu_ops.ring_attention(*args, 0.125), ref.ring_attention(*args, 0.125), torch.float32)
+
+
+def test_attention_rejects_bad_metadata():
+    args = cpu(*paged_batch([(3, 2)], 4, 2, 16, 4, torch.float32))
+    q, kc, vc, tables, lens, qsl = args
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpu_ops.paged_attention(q, kc, vc, tables + 100, lens, qsl, 0.25)
+    with pytest.raises(RuntimeError, match="too few blocks"):
+        cpu_ops.paged_attention(q, kc, vc, tables, lens + 20, qsl, 0.25)
+
+
+# -- the engine ---------------------------------------------------------------------------------------------
+
+def test_engine_bf16_weights_match_torch_path(tmp_path, monkeypatch):
+    """A bf16 checkpoint on CPU: the C++ path keeps bf16 weights (half the bytes) and must give the torch
+    path's greedy tokens (which upcasts the weights to fp32 at load), logprobs within 1e-4, in a batch mixing
+    prefill chunks and decodes."""
+    from engine import LLM, SamplingParams
+    from engine.tiny import make_tiny_checkpoint
+    path = make_tiny_checkpoint(tmp_path / "m", preset="tiny", dtype="bfloat16", with_mtp=False)
+    prompts = [[(7 * i + 3 * j) % 200 + 5 for j in range(n)] for i, n in enumerate([5, 23, 40, 9])]
+    params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=0, ignore_eos=True)
+    results = {}
+    for mode in ("auto", "torch"):
+        monkeypatch.setenv("EXASERVE_KERNELS", mode)
+        llm = LLM(str(path), max_num_seqs=4, max_num_batched_tokens=32, block_size=4)
+        wanted = torch.bfloat16 if mode == "auto" else torch.float32
+        assert llm.engine.model.layers[1].attn.qkv.dtype == wanted
+        outs = [o.outputs[0] for o in llm.generate(prompts, params)]
+        results[mode] = ([o.token_ids for o in outs], [[lp[t] for lp, t in zip(o.logprobs, o.token_ids)] for o in outs])
+    assert results["auto"][0] == results["torch"][0]
+    diff = max(abs(a - b) for xs, ys in zip(results["auto"][1], results["torch"][1]) for a, b in zip(xs, ys))
+    assert diff < 1e-4
