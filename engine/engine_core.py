@@ -61,6 +61,8 @@ class EngineCore:
             raise ValueError(f"num_speculative_tokens={num_speculative_tokens} needs the checkpoint's MTP block "
                              f"(mtp.* tensors), and {path} has none; use num_speculative_tokens=0")
         self.num_spec_tokens = num_speculative_tokens
+        if self.device.type == "cpu" and kernels.backend(torch.empty(0, dtype=self.dtype)) == "cpu":
+            self.model.pack_for_cpu()
         self.model.init_rope(self.max_model_len, self.device)
         self.load_seconds = time.monotonic() - t0
         if kv_cache_memory is None:

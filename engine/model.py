@@ -146,6 +146,36 @@ class ExaoneMoeModel(nn.Module):
                            for i, t in enumerate(cfg.layer_types)]
         self.rope = None
 
+    def pack_for_cpu(self) -> None:
+        """Reorder every GEMM weight into the C++ CPU kernels' packed layout (kernels/cpu_ops.py), once after
+        loading. From then on only the C++ path can read them. A tied lm_head gets its own packed copy, since
+        the embedding lookup needs plain rows."""
+        from kernels import cpu_ops
+
+        def pack_mlp(mlp):
+            cpu_ops.pack_parameter(mlp.gate_up, mlp.gate_up.shape[0] // 2)
+            cpu_ops.pack_parameter(mlp.down)
+
+        def pack_layer(layer):
+            cpu_ops.pack_parameter(layer.attn.qkv)
+            cpu_ops.pack_parameter(layer.attn.o)
+            if isinstance(layer.mlp, MoE):
+                cpu_ops.pack_parameter(layer.mlp.w13, layer.mlp.w13.shape[1] // 2)
+                cpu_ops.pack_parameter(layer.mlp.w2)
+                if layer.mlp.shared is not None:
+                    pack_mlp(layer.mlp.shared)
+            else:
+                pack_mlp(layer.mlp)
+
+        for layer in self.layers:
+            pack_layer(layer)
+        if self.lm_head is self.embed:
+            self.lm_head = nn.Parameter(self.embed.detach().clone(), requires_grad=False)
+        cpu_ops.pack_parameter(self.lm_head)
+        if self.mtp is not None:
+            cpu_ops.pack_parameter(self.mtp.fc)
+            pack_layer(self.mtp.layer)
+
     def init_rope(self, max_positions: int, device):
         d = self.cfg.head_dim
         inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))

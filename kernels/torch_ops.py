@@ -21,7 +21,15 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight^T, computed in x's dtype (a weight stored narrower, e.g. bf16 beside fp32 activations, is
     widened first)."""
+    _not_packed(weight)
     return F.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype))
+
+
+def _not_packed(weight) -> None:
+    if getattr(weight, "exa_packed", False):
+        raise RuntimeError("this weight is packed for the C++ CPU kernels (kernels/cpu_ops.py), which the model "
+                           "was loaded for; the torch path cannot read it (was EXASERVE_KERNELS changed after "
+                           "loading?)")
 
 
 def mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -76,6 +84,7 @@ def fused_moe(x, w13, w2, topk_weights, topk_ids):
 
     x [T, H]; w13 [E, 2I, H] (gate rows first); w2 [E, H, I]; topk_weights fp32 [T, k]; topk_ids [T, k].
     """
+    _not_packed(w13)
     T, k = topk_ids.shape
     flat_ids = topk_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)

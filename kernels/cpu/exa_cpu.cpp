@@ -160,97 +160,117 @@ inline void silu_mul(const float* gate, const float* up, float* out, int n) {
 int num_threads() { return std::max(1, at::get_num_threads()); }
 
 // ---------------------------------------------------------------------------------------------------------
-// GEMM: out[m][n] = sum_k x_m[k] * w[n][k]  (x rows by pointer, fp32; w rows of ldw elements, fp32 or bf16)
+// GEMM on packed weights: out[m][n] = sum_k x_m[k] * w[n][k], x rows by pointer (fp32), w fp32 or bf16.
+//
+// Layout: a weight [N, K] (or each [N, K] matrix of a stack) is split into parts of `part` rows (w13: the gate
+// rows, then the up rows) and each part into panels of 32 rows, the last one possibly narrower. A panel of
+// width r is stored as [K][r] (column j = row j of the panel), at offset panel * 32 * K from the part's start.
+// The tensor keeps its shape: only the order of the elements inside each part changes. A panel is one
+// contiguous stream for the prefetcher, and the kernel broadcasts x[m][k] against 32 weights at a time, so
+// no horizontal sums are needed.
+constexpr int PW = 32;  // panel width
 
-// One MR x NR tile of dot products over the whole K.
-template <int MR, int NR, typename W>
-inline void tile(const float* const* x, const W* w, int64_t ldw, int K, float* out, int64_t ldo) {
-  v16 acc[MR * NR];
+// MR rows of x against one full-width panel [K][32]; writes the first `ncols` columns.
+template <int MR, typename W>
+inline void ukernel(const float* const* x, const W* panel, int K, float* out, int64_t ldo, int ncols) {
+  constexpr int PH = MR <= 4 ? 2 : 1;  // k-phases: independent accumulators shorten FMA chains at small MR
+  v16 acc[PH][MR][2];
 #pragma GCC unroll 16
-  for (int i = 0; i < MR * NR; ++i) acc[i] = v16{};
+  for (int p = 0; p < PH; ++p)
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) acc[p][m][0] = acc[p][m][1] = v16{};
   int k = 0;
-  for (; k + 16 <= K; k += 16) {
-    v16 xv[MR];
+  for (; k + PH <= K; k += PH) {
+#pragma GCC unroll 2
+    for (int p = 0; p < PH; ++p) {
+      const v16 w0 = load(panel + (k + p) * PW), w1 = load(panel + (k + p) * PW + 16);
 #pragma GCC unroll 16
-    for (int m = 0; m < MR; ++m) xv[m] = load(x[m] + k);
-#pragma GCC unroll 16
-    for (int n = 0; n < NR; ++n) {
-      v16 wv = load(w + n * ldw + k);
-#pragma GCC unroll 16
-      for (int m = 0; m < MR; ++m) acc[m * NR + n] += xv[m] * wv;
+      for (int m = 0; m < MR; ++m) {  // scalar * vector broadcasts (v16{} + s would cost an add: -0.0)
+        const float xs = x[m][k + p];
+        acc[p][m][0] += xs * w0;
+        acc[p][m][1] += xs * w1;
+      }
     }
   }
-  float res[MR * NR];
-  if constexpr (MR * NR == 16) {
-    store(res, reduce16(acc));
-  } else {
-    for (int i = 0; i < MR * NR; ++i) res[i] = hsum(acc[i]);
-  }
-  for (; k < K; ++k)
-    for (int n = 0; n < NR; ++n) {
-      float wk = scalar(w[n * ldw + k]);
-      for (int m = 0; m < MR; ++m) res[m * NR + n] += x[m][k] * wk;
+  for (; k < K; ++k) {
+    const v16 w0 = load(panel + k * PW), w1 = load(panel + k * PW + 16);
+    for (int m = 0; m < MR; ++m) {
+      const float xs = x[m][k];
+      acc[0][m][0] += xs * w0;
+      acc[0][m][1] += xs * w1;
     }
-  for (int m = 0; m < MR; ++m)
-    for (int n = 0; n < NR; ++n) out[m * ldo + n] = res[m * NR + n];
+  }
+  for (int m = 0; m < MR; ++m) {
+    v16 r0 = acc[0][m][0], r1 = acc[0][m][1];
+    if constexpr (PH == 2) {
+      r0 += acc[1][m][0];
+      r1 += acc[1][m][1];
+    }
+    if (ncols == PW) {
+      store(out + m * ldo, r0);
+      store(out + m * ldo + 16, r1);
+    } else {
+      float tmp[PW];
+      store(tmp, r0);
+      store(tmp + 16, r1);
+      std::memcpy(out + m * ldo, tmp, ncols * sizeof(float));
+    }
+  }
 }
 
-// Rows [0, M) x columns [0, N) of out, single-threaded; the caller splits work between threads.
+// All M rows of x against one full-width panel.
 template <typename W>
-void gemm_block(const float* const* x, int M, const W* w, int64_t ldw, int N, int K, float* out, int64_t ldo) {
-  if constexpr (std::is_same_v<W, bf16>) {
-    if (M >= 16) {  // widen the weight rows once and reuse them for every row tile (compute-bound from here)
-      thread_local std::vector<float> wide;
-      wide.resize(size_t(N) * K);
-      for (int n = 0; n < N; ++n) {
-        const bf16* src = w + n * ldw;
-        float* dst = wide.data() + size_t(n) * K;
-        int k = 0;
-        for (; k + 16 <= K; k += 16) store(dst + k, load(src + k));
-        for (; k < K; ++k) dst[k] = scalar(src[k]);
-      }
-      gemm_block<float>(x, M, wide.data(), K, N, K, out, ldo);
-      return;
-    }
-  }
-  if (M == 1) {
-    int n = 0;
-    for (; n + 16 <= N; n += 16) tile<1, 16>(x, w + n * ldw, ldw, K, out + n, ldo);
-    for (; n + 4 <= N; n += 4) tile<1, 4>(x, w + n * ldw, ldw, K, out + n, ldo);
-    for (; n < N; ++n) tile<1, 1>(x, w + n * ldw, ldw, K, out + n, ldo);
-    return;
-  }
-  if (M <= 3) {
-    int n = 0;
-    for (; n + 8 <= N; n += 8) {
-      tile<2, 8>(x, w + n * ldw, ldw, K, out + n, ldo);
-      if (M == 3) tile<1, 8>(x + 2, w + n * ldw, ldw, K, out + 2 * ldo + n, ldo);
-    }
-    for (; n < N; ++n) {
-      for (int m = 0; m < M; ++m) tile<1, 1>(x + m, w + n * ldw, ldw, K, out + m * ldo + n, ldo);
-    }
-    return;
-  }
-  int n = 0;
-  for (; n + 4 <= N; n += 4) {
-    const W* wn = w + n * ldw;
+void panel_rows(const float* const* x, int M, const W* panel, int K, float* o, int64_t ldo, int width) {
+  {
     int m = 0;
-    for (; m + 4 <= M; m += 4) tile<4, 4>(x + m, wn, ldw, K, out + m * ldo + n, ldo);
-    for (; m + 2 <= M; m += 2) tile<2, 4>(x + m, wn, ldw, K, out + m * ldo + n, ldo);
-    for (; m < M; ++m) tile<1, 4>(x + m, wn, ldw, K, out + m * ldo + n, ldo);
-  }
-  for (; n < N; ++n) {
-    int m = 0;
-    for (; m + 4 <= M; m += 4) tile<4, 1>(x + m, w + n * ldw, ldw, K, out + m * ldo + n, ldo);
-    for (; m < M; ++m) tile<1, 1>(x + m, w + n * ldw, ldw, K, out + m * ldo + n, ldo);
+    for (; m + 8 <= M; m += 8) ukernel<8>(x + m, panel, K, o + m * ldo, ldo, width);
+    if (M - m >= 4) {
+      ukernel<4>(x + m, panel, K, o + m * ldo, ldo, width);
+      m += 4;
+    }
+    if (M - m >= 2) {
+      ukernel<2>(x + m, panel, K, o + m * ldo, ldo, width);
+      m += 2;
+    }
+    if (M - m >= 1) ukernel<1>(x + m, panel, K, o + m * ldo, ldo, width);
   }
 }
+
+// Columns [32 p0, min(32 p1, R)) of x @ part^T for M rows (part: R packed rows of K); out column 0 is column
+// 32 p0. Single-threaded; callers split panels and rows between threads.
+template <typename W>
+void gemm_panels(const float* const* x, int M, const W* part, int R, int K, int p0, int p1, float* out,
+                 int64_t ldo) {
+  thread_local std::vector<W> pad;
+  thread_local std::vector<float> wide;
+  for (int p = p0; p < p1; ++p) {
+    const int width = std::min(PW, R - p * PW);
+    const W* panel = part + int64_t(p) * PW * K;
+    if (width < PW) {  // the narrower last panel, zero-padded to full width
+      pad.assign(size_t(K) * PW, W(0));
+      for (int k = 0; k < K; ++k)
+        for (int j = 0; j < width; ++j) pad[size_t(k) * PW + j] = panel[size_t(k) * width + j];
+      panel = pad.data();
+    }
+    float* o = out + (p - p0) * PW;
+    if constexpr (std::is_same_v<W, bf16>) {
+      if (M >= 16) {  // widen the panel once rather than once per row tile
+        wide.resize(size_t(K) * PW);
+        for (size_t i = 0; i < size_t(K) * PW; i += 16) store(wide.data() + i, load(panel + i));
+        panel_rows<float>(x, M, wide.data(), K, o, ldo, width);
+        continue;
+      }
+    }
+    panel_rows<W>(x, M, panel, K, o, ldo, width);
+  }
+}
+
 
 void check_weight(const torch::Tensor& w, const char* name) {
   TORCH_CHECK(w.device().is_cpu(), name, " must be a CPU tensor");
   TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, name,
               " must be float32 or bfloat16, got ", w.scalar_type());
-  TORCH_CHECK(w.stride(-1) == 1, name, " must have unit stride in its last dim");
+  TORCH_CHECK(w.is_contiguous(), name, " must be contiguous");
 }
 
 void check_act(const torch::Tensor& x, const char* name, int dim) {
@@ -266,26 +286,66 @@ void parallel_items(int64_t n, F&& fn) {
   for (int64_t i = 0; i < n; ++i) fn(i);
 }
 
-// Rows of x in blocks of BM, columns in blocks of BN: small enough that both operand blocks stay in cache.
-constexpr int BM = 64, BN = 64;
+int cdiv(int64_t a, int64_t b) { return int((a + b - 1) / b); }
+
+// Panels per work item: about 8 items per thread, at most `hi` panels.
+int panels_per_item(int64_t total_panels, int hi) {
+  return std::clamp(cdiv(total_panels, 8 * num_threads()), 1, hi);
+}
+
+// Rows of x per work item: the block of x stays in L2 while the item's panels stream past it.
+constexpr int BM = 256;
+
+template <typename T>
+void pack_impl(const T* src, T* dst, int64_t batch, int64_t N, int64_t K, int64_t part) {
+  const int64_t parts = N / part, panels = cdiv(part, PW);
+  at::parallel_for(0, batch * parts * panels, 1, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      const int64_t p = i % panels, base = (i / panels) * part * K;  // (matrix, part) -> first element
+      const int64_t width = std::min<int64_t>(PW, part - p * PW);
+      const T* s = src + base + p * PW * K;
+      T* d = dst + base + p * PW * K;
+      for (int64_t j = 0; j < width; ++j)
+        for (int64_t k = 0; k < K; ++k) d[k * width + j] = s[j * K + k];
+    }
+  });
+}
+
+// The packed copy of w [..., N, K] with parts of `part` rows (N % part == 0).
+torch::Tensor pack(torch::Tensor w, int64_t part) {
+  check_weight(w, "weight");
+  TORCH_CHECK(w.dim() >= 2, "pack: weight must have at least 2 dims");
+  const int64_t N = w.size(-2), K = w.size(-1);
+  TORCH_CHECK(part >= 1 && N % part == 0, "pack: ", N, " rows do not split into parts of ", part);
+  auto out = torch::empty_like(w);
+  const int64_t batch = N * K ? w.numel() / (N * K) : 0;
+  if (w.scalar_type() == at::kBFloat16)
+    pack_impl(reinterpret_cast<const int16_t*>(w.data_ptr()), reinterpret_cast<int16_t*>(out.data_ptr()), batch,
+              N, K, part);
+  else
+    pack_impl(w.data_ptr<float>(), out.data_ptr<float>(), batch, N, K, part);
+  return out;
+}
 
 template <typename W>
 void linear_impl(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& out) {
   const int M = x.size(0), K = x.size(1), N = w.size(0);
-  const int64_t ldx = x.stride(0), ldw = w.stride(0);
+  const int64_t ldx = x.stride(0);
   const float* xp = x.data_ptr<float>();
   const W* wp = reinterpret_cast<const W*>(w.data_ptr());
   float* op = out.data_ptr<float>();
-  const int mb = (M + BM - 1) / BM, nb = (N + BN - 1) / BN;
+  const int mb = cdiv(M, BM), P = cdiv(N, PW);
+  const int pp = panels_per_item(int64_t(P) * mb, 16), nb = cdiv(P, pp);
   parallel_items(int64_t(mb) * nb, [&](int64_t item) {
-    const int m0 = (item % mb) * BM, n0 = (item / mb) * BN;
-    const int bm = std::min(BM, M - m0), bn = std::min(BN, N - n0);
+    const int m0 = (item % mb) * BM, p0 = (item / mb) * pp;
+    const int bm = std::min(BM, M - m0), p1 = std::min(P, p0 + pp);
     const float* rows[BM];
     for (int i = 0; i < bm; ++i) rows[i] = xp + (m0 + i) * ldx;
-    gemm_block(rows, bm, wp + n0 * ldw, ldw, bn, K, op + int64_t(m0) * N + n0, N);
+    gemm_panels(rows, bm, wp, N, K, p0, p1, op + int64_t(m0) * N + p0 * PW, N);
   });
 }
 
+// x [M, K] fp32 @ w^T, w [N, K] packed with part = N.
 torch::Tensor linear(torch::Tensor x, torch::Tensor w) {
   check_act(x, "x", 2);
   check_weight(w, "weight");
@@ -313,66 +373,64 @@ struct Group {       // one expert and the token rows routed to it
   int64_t inter_off = 0;     // its rows in the intermediate buffer
 };
 
-// Work items are (expert, a block of columns); blocks are sized so that there are about 8 items per thread.
-int block_cols(int64_t total_cols, int lo, int hi) {
-  const int64_t want = total_cols / (8 * num_threads());
-  return int(std::clamp<int64_t>((want + 15) / 16 * 16, lo, hi));
-}
-
 template <typename W>
 void run_groups(const float* x, int64_t ldx, int H, std::vector<Group>& groups, float* inter, float* part) {
-  int64_t total_i = 0;
-  for (const Group& G : groups) total_i += G.I;
-  const int JB = block_cols(total_i, 16, 128), HB = block_cols(int64_t(groups.size()) * H, 16, 128);
-  // phase 1: inter = silu(x W_gate^T) * (x W_up^T)
+  int64_t total = 0;
+  for (const Group& G : groups) total += cdiv(G.I, PW);
+  const int JP = panels_per_item(total, 4), HP = panels_per_item(int64_t(groups.size()) * cdiv(H, PW), 4);
+  const int JB = JP * PW, HB = HP * PW;
+  // phase 1: inter = silu(x W_gate^T) * (x W_up^T); w13 packed in two parts (gate, up) of I rows
   std::vector<std::pair<int, int>> items;
   for (int g = 0; g < (int)groups.size(); ++g)
-    for (int j = 0; j < groups[g].I; j += JB) items.emplace_back(g, j);
+    for (int p = 0; p < cdiv(groups[g].I, PW); p += JP) items.emplace_back(g, p);
   parallel_items(items.size(), [&](int64_t it) {
     const Group& G = groups[items[it].first];
-    const int j0 = items[it].second, bj = std::min(JB, G.I - j0), M = G.tok.size();
+    const int p0 = items[it].second, p1 = std::min(cdiv(G.I, PW), p0 + JP), M = G.tok.size();
+    const int j0 = p0 * PW, bj = std::min(G.I, p1 * PW) - j0;
     const W* w13 = static_cast<const W*>(G.w13);
     thread_local std::vector<const float*> rows;
     thread_local std::vector<float> gate, up;
     rows.resize(M);
-    gate.resize(size_t(M) * JB);
-    up.resize(size_t(M) * JB);
+    gate.resize(size_t(std::min(M, BM)) * JB);
+    up.resize(size_t(std::min(M, BM)) * JB);
     for (int m = 0; m < M; ++m) rows[m] = x + int64_t(G.tok[m]) * ldx;
+    float* dst = inter + G.inter_off;
     for (int m0 = 0; m0 < M; m0 += BM) {
       const int bm = std::min(BM, M - m0);
-      gemm_block(rows.data() + m0, bm, w13 + int64_t(j0) * H, H, bj, H, gate.data() + m0 * JB, JB);
-      gemm_block(rows.data() + m0, bm, w13 + int64_t(G.I + j0) * H, H, bj, H, up.data() + m0 * JB, JB);
+      gemm_panels(rows.data() + m0, bm, w13, G.I, H, p0, p1, gate.data(), JB);
+      gemm_panels(rows.data() + m0, bm, w13 + int64_t(G.I) * H, G.I, H, p0, p1, up.data(), JB);
+      for (int m = 0; m < bm; ++m)
+        silu_mul(gate.data() + m * JB, up.data() + m * JB, dst + int64_t(m0 + m) * G.I + j0, bj);
     }
-    float* dst = inter + G.inter_off;
-    for (int m = 0; m < M; ++m) silu_mul(gate.data() + m * JB, up.data() + m * JB, dst + int64_t(m) * G.I + j0, bj);
   });
-  // phase 2: part[dest] = scale * (inter W_down^T)
+  // phase 2: part[dest] = scale * (inter W_down^T); w2 packed with one part of H rows
   items.clear();
   for (int g = 0; g < (int)groups.size(); ++g)
-    for (int h = 0; h < H; h += HB) items.emplace_back(g, h);
+    for (int p = 0; p < cdiv(H, PW); p += HP) items.emplace_back(g, p);
   parallel_items(items.size(), [&](int64_t it) {
     const Group& G = groups[items[it].first];
-    const int h0 = items[it].second, bh = std::min(HB, H - h0), M = G.tok.size();
+    const int p0 = items[it].second, p1 = std::min(cdiv(H, PW), p0 + HP), M = G.tok.size();
+    const int h0 = p0 * PW, bh = std::min(H, p1 * PW) - h0;
     const W* w2 = static_cast<const W*>(G.w2);
     thread_local std::vector<const float*> rows;
     thread_local std::vector<float> buf;
     rows.resize(M);
-    buf.resize(size_t(M) * HB);
+    buf.resize(size_t(std::min(M, BM)) * HB);
     for (int m = 0; m < M; ++m) rows[m] = inter + G.inter_off + int64_t(m) * G.I;
     for (int m0 = 0; m0 < M; m0 += BM) {
       const int bm = std::min(BM, M - m0);
-      gemm_block(rows.data() + m0, bm, w2 + int64_t(h0) * G.I, G.I, bh, G.I, buf.data() + m0 * HB, HB);
-    }
-    for (int m = 0; m < M; ++m) {
-      float* d = part + int64_t(G.dest[m]) * H + h0;
-      const float sc = G.scale[m];
-      for (int h = 0; h < bh; ++h) d[h] = sc * buf[m * HB + h];
+      gemm_panels(rows.data() + m0, bm, w2, H, G.I, p0, p1, buf.data(), HB);
+      for (int m = 0; m < bm; ++m) {
+        float* d = part + int64_t(G.dest[m0 + m]) * H + h0;
+        const float sc = G.scale[m0 + m];
+        for (int h = 0; h < bh; ++h) d[h] = sc * buf[m * HB + h];
+      }
     }
   });
 }
 
-// x [T, H]; w13 [E, 2I, H]; w2 [E, H, I]; topk_weights [T, k] fp32; topk_ids [T, k] int64;
-// shared_gate_up [2Is, H] and shared_down [H, Is] optional (an empty tensor = none). E may be 0 (dense MLP).
+// x [T, H]; w13 [E, 2I, H] packed in parts of I rows; w2 [E, H, I] packed (part H); topk_weights [T, k] fp32; topk_ids [T, k] int64;
+// shared_gate_up [2Is, H] (parts of Is) and shared_down [H, Is] (part H) optional (an empty tensor = none). E may be 0 (dense MLP).
 torch::Tensor moe(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, torch::Tensor topk_weights,
                   torch::Tensor topk_ids, torch::Tensor shared_gate_up, torch::Tensor shared_down) {
   check_act(x, "x", 2);
@@ -487,7 +545,15 @@ std::vector<torch::Tensor> moe_route(torch::Tensor x, torch::Tensor gate, torch:
   auto g = gate.contiguous();
   auto b = bias.contiguous();
   auto logits = torch::empty({T, E}, x.options());
-  linear_impl<float>(x, g, logits);
+  {
+    const float *xp = x.data_ptr<float>(), *gp = g.data_ptr<float>();
+    float* lp = logits.data_ptr<float>();
+    const int H = x.size(1);
+    const int64_t ldx = x.stride(0);
+    at::parallel_for(0, T * E, 256, [&](int64_t a, int64_t b) {
+      for (int64_t i = a; i < b; ++i) lp[i] = dot(xp + (i / E) * ldx, gp + (i % E) * H, H);
+    });
+  }
   auto weights = torch::empty({T, top_k}, x.options());
   auto ids = torch::empty({T, top_k}, x.options().dtype(at::kLong));
   const float *lp = logits.data_ptr<float>(), *bp = b.data_ptr<float>();
@@ -898,7 +964,8 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear", &linear, "x [M, K] fp32 @ w [N, K] (fp32 or bf16)^T -> [M, N] fp32");
+  m.def("pack", &pack, "packed copy of a weight [..., N, K] in parts of `part` rows");
+  m.def("linear", &linear, "x [M, K] fp32 @ w [N, K] (packed, fp32 or bf16)^T -> [M, N] fp32");
   m.def("moe", &moe, "routed + shared experts in one call");
   m.def("moe_route", &moe_route);
   m.def("argmax_rows", &argmax_rows);
