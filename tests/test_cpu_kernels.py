@@ -189,9 +189,10 @@ def test_paged_attention(case, gqa, d):
     check(cpu_ops.paged_attention(*args, 0.25), ref.paged_attention(*args, 0.25), torch.float32)
 
 
-def test_paged_attention_long_context():
-    """Contexts of hundreds of keys (the 16-key blocks and the vectorised softmax), d=64, a prefill chunk."""
-    args = cpu(*paged_batch([(300, 1), (517, 1), (40, 70)], 8, 2, 64, 16, torch.float32))
+@pytest.mark.parametrize("d", [64, 128])
+def test_paged_attention_long_context(d):
+    """Contexts of hundreds of keys (the 16-key blocks and the vectorised softmax), a prefill chunk."""
+    args = cpu(*paged_batch([(300, 1), (517, 1), (40, 70)], 8, 2, d, 16, torch.float32))
     check(cpu_ops.paged_attention(*args, 0.125), ref.paged_attention(*args, 0.125), torch.float32)
 
 

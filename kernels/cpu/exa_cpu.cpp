@@ -806,19 +806,32 @@ struct QueryRun {
   int seq, head, q0, q1;  // rows [q0, q1) of q
 };
 
-// For query row i at position p: keys at positions [lo, p], key/value pointers from kv(j).
-template <typename KV>
-void attend_query(const float* q, int g, int d, float scale, int lo, int p, KV&& kv, float* out, int64_t out_head,
-                  std::vector<float>& sc, std::vector<float>& acc) {
-  const int L = p - lo + 1;
+// out_gi = sum_u s[gi][u] v_u for the g query heads, accumulators in registers (ND = d / 16 vectors).
+template <int ND>
+void weighted_sum(const float* sc, int L, int g, const float* const* vp, int d, float* out, int64_t out_head) {
+  for (int gi = 0; gi < g; ++gi) {
+    const float* s = sc + size_t(gi) * L;
+    v16 acc[ND];
+#pragma GCC unroll 8
+    for (int c = 0; c < ND; ++c) acc[c] = v16{};
+    for (int u = 0; u < L; ++u) {
+      const float w = s[u];
+#pragma GCC unroll 8
+      for (int c = 0; c < ND; ++c) acc[c] += w * load(vp[u] + 16 * c);
+    }
+#pragma GCC unroll 8
+    for (int c = 0; c < ND; ++c) store(out + gi * out_head + 16 * c, acc[c]);
+  }
+}
+
+// One query position against L keys (row pointers kp/vp, oldest first), for the g query heads at q (heads
+// d apart); writes the g output heads at out (out_head apart).
+void attend_query(const float* q, int g, int d, float scale, const float* const* kp, const float* const* vp, int L,
+                  float* out, int64_t out_head, std::vector<float>& sc) {
   sc.resize(size_t(g) * L);
-  acc.assign(size_t(g) * d, 0.0f);
-  // scores, 16 keys at a time through the sixteen-way reduction when d allows
   int j = 0;
-  if (d % 16 == 0) {
+  if (d % 16 == 0) {  // scores 16 keys at a time through the sixteen-way reduction
     for (; j + 16 <= L; j += 16) {
-      const float* kp[16];
-      for (int u = 0; u < 16; ++u) kp[u] = kv(lo + j + u).first;
       for (int gi = 0; gi < g; ++gi) {
         const float* qr = q + gi * d;
         v16 a[16];
@@ -826,16 +839,14 @@ void attend_query(const float* q, int g, int d, float scale, int lo, int p, KV&&
         for (int c = 0; c < d; c += 16) {
           const v16 qv = load(qr + c);
 #pragma GCC unroll 16
-          for (int u = 0; u < 16; ++u) a[u] += qv * load(kp[u] + c);
+          for (int u = 0; u < 16; ++u) a[u] += qv * load(kp[j + u] + c);
         }
         store(sc.data() + size_t(gi) * L + j, reduce16(a) * scale);
       }
     }
   }
-  for (; j < L; ++j) {
-    const float* kp = kv(lo + j).first;
-    for (int gi = 0; gi < g; ++gi) sc[size_t(gi) * L + j] = dot(q + gi * d, kp, d) * scale;
-  }
+  for (; j < L; ++j)
+    for (int gi = 0; gi < g; ++gi) sc[size_t(gi) * L + j] = dot(q + gi * d, kp[j], d) * scale;
   for (int gi = 0; gi < g; ++gi) {
     float* s = sc.data() + size_t(gi) * L;
     float mx = -std::numeric_limits<float>::infinity();
@@ -843,11 +854,16 @@ void attend_query(const float* q, int g, int d, float scale, int lo, int p, KV&&
     const float inv = 1.0f / exp_sum(s, mx, s, L);
     for (int u = 0; u < L; ++u) s[u] *= inv;
   }
-  for (int u = 0; u < L; ++u) {
-    const float* vp = kv(lo + u).second;
-    for (int gi = 0; gi < g; ++gi) axpy(sc[size_t(gi) * L + u], vp, acc.data() + gi * d, d);
+  switch (d) {
+    case 64: return weighted_sum<4>(sc.data(), L, g, vp, d, out, out_head);
+    case 128: return weighted_sum<8>(sc.data(), L, g, vp, d, out, out_head);
+    default:
+      for (int gi = 0; gi < g; ++gi) {
+        float* o = out + gi * out_head;
+        std::fill(o, o + d, 0.0f);
+        for (int u = 0; u < L; ++u) axpy(sc[size_t(gi) * L + u], vp[u], o, d);
+      }
   }
-  for (int gi = 0; gi < g; ++gi) std::memcpy(out + gi * out_head, acc.data() + gi * d, d * sizeof(float));
 }
 
 std::vector<QueryRun> query_runs(const int32_t* qsl, int S, int nkv) {
@@ -899,17 +915,28 @@ torch::Tensor ring_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
     const int64_t c = cp[r.seq], a = qs[r.seq];
     const float* kbase = kr + sp[r.seq] * ring_len * row + r.head * d;
     const float* vbase = vr + sp[r.seq] * ring_len * row + r.head * d;
-    auto kv = [&](int64_t j) -> std::pair<const float*, const float*> {
-      if (j < c) return {kbase + (j % ring_len) * row, vbase + (j % ring_len) * row};
-      const int64_t t = a + (j - c);
-      return {kp + t * k.stride(0) + r.head * k.stride(1), vp + t * v.stride(0) + r.head * v.stride(1)};
-    };
-    thread_local std::vector<float> sc, acc;
+    // key positions of the whole run: from the first query's window start to the last query
+    const int64_t first = std::max<int64_t>(0, c + (r.q0 - a) - window + 1), last = c + (r.q1 - 1 - a);
+    thread_local std::vector<const float*> kptr, vptr;
+    thread_local std::vector<float> sc;
+    kptr.resize(last - first + 1);
+    vptr.resize(last - first + 1);
+    int64_t slot_row = first % ring_len;
+    for (int64_t j = first; j <= last; ++j) {
+      if (j < c) {  // from the ring: row j % ring_len, advanced without a division per key
+        kptr[j - first] = kbase + slot_row * row;
+        vptr[j - first] = vbase + slot_row * row;
+        if (++slot_row == ring_len) slot_row = 0;
+      } else {      // this step's fresh keys
+        const int64_t t = a + (j - c);
+        kptr[j - first] = kp + t * k.stride(0) + r.head * k.stride(1);
+        vptr[j - first] = vp + t * v.stride(0) + r.head * v.stride(1);
+      }
+    }
     for (int i = r.q0; i < r.q1; ++i) {
-      const int64_t p = c + (i - a);
-      const int64_t lo = std::max<int64_t>(0, p - window + 1);
-      attend_query(qp + i * q.stride(0) + int64_t(r.head) * g * d, g, d, scale, lo, p, kv,
-                   op + (int64_t(i) * nq + r.head * g) * d, d, sc, acc);
+      const int64_t p = c + (i - a), lo = std::max<int64_t>(0, p - window + 1);
+      attend_query(qp + i * q.stride(0) + int64_t(r.head) * g * d, g, d, scale, kptr.data() + (lo - first),
+                   vptr.data() + (lo - first), p - lo + 1, op + (int64_t(i) * nq + r.head * g) * d, d, sc);
     }
   });
   return out;
@@ -946,16 +973,22 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   parallel_items(runs.size(), [&](int64_t it) {
     const QueryRun r = runs[it];
     const int32_t* table = btp + r.seq * nblk;
-    auto kv = [&](int64_t j) -> std::pair<const float*, const float*> {
-      const int64_t off = (int64_t(table[j / bs]) * bs + j % bs) * row + r.head * d;
-      return {kc + off, vc + off};
-    };
-    thread_local std::vector<float> sc, acc;
     const int64_t n = qs[r.seq + 1] - qs[r.seq];
+    const int64_t last = lp[r.seq] - n + (r.q1 - 1 - qs[r.seq]);  // the run's last query position
+    thread_local std::vector<const float*> kptr, vptr;
+    thread_local std::vector<float> sc;
+    kptr.resize(last + 1);
+    vptr.resize(last + 1);
+    for (int64_t b = 0, j = 0; j <= last; ++b)
+      for (int64_t o = 0; o < bs && j <= last; ++o, ++j) {
+        const int64_t off = (int64_t(table[b]) * bs + o) * row + r.head * d;
+        kptr[j] = kc + off;
+        vptr[j] = vc + off;
+      }
     for (int i = r.q0; i < r.q1; ++i) {
       const int64_t p = lp[r.seq] - n + (i - qs[r.seq]);
-      attend_query(qp + i * q.stride(0) + int64_t(r.head) * g * d, g, d, scale, 0, p, kv,
-                   op + (int64_t(i) * nq + r.head * g) * d, d, sc, acc);
+      attend_query(qp + i * q.stride(0) + int64_t(r.head) * g * d, g, d, scale, kptr.data(), vptr.data(), p + 1,
+                   op + (int64_t(i) * nq + r.head * g) * d, d, sc);
     }
   });
   return out;
