@@ -175,6 +175,9 @@ constexpr int PW = 32;  // panel width
 #define EXA_PREFETCH 128
 #endif
 constexpr int PREFETCH = EXA_PREFETCH;
+#ifndef EXA_PF_LOCALITY
+#define EXA_PF_LOCALITY 2  // prefetcht1: into L2, which frees the fill buffers sooner than t0 (A/B: -7% per step)
+#endif
 // From this many rows, a bf16 panel is widened to fp32 once instead of in registers per row tile.
 constexpr int WIDEN_ROWS = 48;
 
@@ -189,7 +192,7 @@ inline void ukernel(const float* const* x, const W* panel, int K, float* out, in
     for (int m = 0; m < MR; ++m) acc[p][m][0] = acc[p][m][1] = v16{};
   int k = 0;
   for (; k + PH <= K; k += PH) {
-    if constexpr (PREFETCH > 0) __builtin_prefetch(panel + (k + PREFETCH) * PW);
+    if constexpr (PREFETCH > 0) __builtin_prefetch(panel + (k + PREFETCH) * PW, 0, EXA_PF_LOCALITY);
 #pragma GCC unroll 2
     for (int p = 0; p < PH; ++p) {
       const v16 w0 = load(panel + (k + p) * PW), w1 = load(panel + (k + p) * PW + 16);
@@ -266,7 +269,7 @@ void gemm_panels(const float* const* x, int M, const W* part, int R, int K, int 
       if (M >= WIDEN_ROWS) {  // widen the panel once rather than once per row tile
         wide.resize(size_t(K) * PW);
         for (size_t i = 0; i < size_t(K) * PW; i += 16) {
-          if (PREFETCH > 0 && i % 32 == 0) __builtin_prefetch(panel + i + size_t(PREFETCH) * PW);
+          if (PREFETCH > 0 && i % 32 == 0) __builtin_prefetch(panel + i + size_t(PREFETCH) * PW, 0, EXA_PF_LOCALITY);
           store(wide.data() + i, load(panel + i));
         }
         panel_rows<float>(x, M, wide.data(), K, o, ldo, width);
