@@ -1,6 +1,8 @@
 """The synchronous engine: scheduler + runner + per-request detokenization and stop conditions."""
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import time
 from pathlib import Path
@@ -76,6 +78,12 @@ class EngineCore:
         self.runner = ModelRunner(self.model, self.kv, self.device, num_speculative_tokens, spec_max_batch_size)
         self.requests: dict[str, Request] = {}
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0, "aborted": 0, "steps": 0}
+        # Everything allocated so far (modules, weights' Python objects, imported libraries) lives as long as the
+        # engine: moving it out of the collector's generations keeps each collection, which the per-step
+        # allocations trigger, from walking it (measured: ~5% of a batch-1 decode step went to gc).
+        gc.collect()
+        gc.freeze()
+        atexit.register(gc.unfreeze)   # let the final collection at exit see them again (bindings count leaks)
 
     def _default_kv_memory(self) -> int:
         if self.device.type == "cuda":

@@ -24,15 +24,16 @@ from kernels import cpu, cpu_ops, fused_ops, torch_ops
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 _module = functools.cache(importlib.import_module)
+_environ = os.environ   # read per call (a process may switch paths); bound once to skip the module lookup
 
 
 def backend(x) -> str:
     """'triton', 'cpu' or 'torch': the path an op on tensor x takes now."""
-    mode = os.environ.get("EXASERVE_KERNELS", "auto")
+    mode = _environ.get("EXASERVE_KERNELS", "auto")
     if mode == "auto":
         if x.is_cuda:
             return "triton" if HAS_TRITON else "torch"
-        return "cpu" if x.device.type == "cpu" and x.dtype == torch.float32 and cpu.available() else "torch"
+        return "cpu" if x.dtype is torch.float32 and x.is_cpu and cpu.available() else "torch"
     if mode not in ("torch", "triton", "cpu"):
         raise ValueError(f"EXASERVE_KERNELS={mode!r}; use torch, triton, cpu or auto")
     return mode

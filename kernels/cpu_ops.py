@@ -35,17 +35,16 @@ def is_packed(w) -> bool:
 
 
 def linear(x, w):
-    y = _ext().linear(x.reshape(-1, x.shape[-1]), _packed(w))
-    return y.view(*x.shape[:-1], w.shape[0])
+    return _ext().linear(x, _packed(w))
 
 
 def rms_norm(x, weight, eps):
-    return _ext().rms_norm(x.reshape(-1, x.shape[-1]), weight, eps).view(x.shape)
+    return _ext().rms_norm(x, weight, eps)
 
 
 def add_rms_norm(x, residual, weight, eps):
-    h, s = _ext().add_rms_norm(x.reshape(-1, x.shape[-1]), residual.reshape(-1, x.shape[-1]), weight, eps)
-    return h.view(x.shape), s.view(x.shape)
+    h, s = _ext().add_rms_norm(x, residual, weight, eps)
+    return h, s
 
 
 def qk_norm_rope(q, k, q_weight, k_weight, eps, positions, cos, sin, use_rope):

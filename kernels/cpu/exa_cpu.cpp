@@ -360,18 +360,32 @@ void linear_impl(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& 
   });
 }
 
-// x [M, K] fp32 @ w^T, w [N, K] packed with part = N.
+// Leading dims of x flattened into rows: [..., K] -> [rows, K] (a view when the layout allows).
+torch::Tensor rows_of(const torch::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor");
+  TORCH_CHECK(x.dim() >= 1, name, " must have at least one dim");
+  auto r = x.dim() == 2 ? x : x.reshape({-1, x.size(-1)});
+  return r.stride(1) == 1 ? r : r.contiguous();
+}
+
+std::vector<int64_t> with_last(const torch::Tensor& x, int64_t n) {
+  std::vector<int64_t> s(x.sizes().begin(), x.sizes().end());
+  s.back() = n;
+  return s;
+}
+
+// x [..., K] fp32 @ w^T, w [N, K] packed with part = N.
 torch::Tensor linear(torch::Tensor x, torch::Tensor w) {
-  check_act(x, "x", 2);
   check_weight(w, "weight");
-  TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1), "linear: x ", x.sizes(), " and weight ", w.sizes(),
-              " do not match");
-  if (x.stride(1) != 1) x = x.contiguous();
-  auto out = torch::empty({x.size(0), w.size(0)}, x.options());
+  TORCH_CHECK(w.dim() == 2 && x.dim() >= 1 && w.size(1) == x.size(-1), "linear: x ", x.sizes(), " and weight ",
+              w.sizes(), " do not match");
+  auto x2 = rows_of(x, "x");
+  auto out = torch::empty(with_last(x, w.size(0)), x.options());
+  auto o2 = out.view({x2.size(0), w.size(0)});
   if (w.scalar_type() == at::kBFloat16)
-    linear_impl<bf16>(x, w, out);
+    linear_impl<bf16>(x2, w, o2);
   else
-    linear_impl<float>(x, w, out);
+    linear_impl<float>(x2, w, o2);
   return out;
 }
 
@@ -686,13 +700,12 @@ void rms_rows(const float* x, int64_t ldx, const W* w, float eps, float* y, int6
   });
 }
 
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
-  check_act(x, "x", 2);
+// x [..., H], weight [H] fp32 or bf16.
+torch::Tensor rms_norm(torch::Tensor x_, torch::Tensor w, double eps) {
   check_weight(w, "weight");
-  if (x.stride(1) != 1) x = x.contiguous();
-  TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(1) && w.is_contiguous(), "rms_norm: weight ", w.sizes(),
-              " for x ", x.sizes());
-  auto y = torch::empty(x.sizes(), x.options());
+  auto x = rows_of(x_, "x");
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(1), "rms_norm: weight ", w.sizes(), " for x ", x_.sizes());
+  auto y = torch::empty(x_.sizes(), x.options());
   if (w.scalar_type() == at::kBFloat16)
     rms_rows(x.data_ptr<float>(), x.stride(0), reinterpret_cast<const bf16*>(w.data_ptr()), eps,
              y.data_ptr<float>(), x.size(0), x.size(1));
@@ -703,8 +716,6 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
 }
 
 std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w, double eps) {
-  check_act(x, "x", 2);
-  check_act(residual, "residual", 2);
   TORCH_CHECK(x.sizes() == residual.sizes(), "add_rms_norm: x ", x.sizes(), " residual ", residual.sizes());
   auto s = torch::add(x, residual);
   return {rms_norm(s, w, eps), s};
