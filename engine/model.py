@@ -145,6 +145,7 @@ class ExaoneMoeModel(nn.Module):
         self.pool_index = [cfg.sliding_layers.index(i) if t == "sliding" else cfg.full_layers.index(i)
                            for i, t in enumerate(cfg.layer_types)]
         self.rope = None
+        self._cpu_layers = None     # C++ decoder layers, once pack_for_cpu() has run
 
     def pack_for_cpu(self) -> None:
         """Reorder every GEMM weight into the C++ CPU kernels' packed layout (kernels/cpu_ops.py), once after
@@ -169,12 +170,27 @@ class ExaoneMoeModel(nn.Module):
 
         for layer in self.layers:
             pack_layer(layer)
+        self._cpu_layers = [self._cpu_layer(layer, idx) for layer, idx in zip(self.layers, self.pool_index)]
         if self.lm_head is self.embed:
             self.lm_head = nn.Parameter(self.embed.detach().clone(), requires_grad=False)
         cpu_ops.pack_parameter(self.lm_head)
         if self.mtp is not None:
             cpu_ops.pack_parameter(self.mtp.fc)
             pack_layer(self.mtp.layer)
+
+    def _cpu_layer(self, layer: "DecoderLayer", pool_index: int):
+        from kernels import cpu_ops
+        c, mlp = self.cfg, layer.mlp
+        if isinstance(mlp, MoE):
+            weights = {"router": mlp.router, "bias": mlp.bias, "w13": mlp.w13, "w2": mlp.w2}
+            if mlp.shared is not None:
+                weights.update(shared_gate_up=mlp.shared.gate_up, shared_down=mlp.shared.down)
+            route = dict(top_k=c.top_k, n_group=c.n_group, topk_group=c.topk_group,
+                         norm_topk_prob=c.norm_topk_prob, scaling=c.routed_scaling_factor)
+        else:
+            weights, route = {"shared_gate_up": mlp.gate_up, "shared_down": mlp.down}, None
+        return cpu_ops.make_layer(layer.input_norm, layer.post_norm, layer.attn, weights,
+                                  window=layer.attn.window, pool_index=pool_index, route=route)
 
     def init_rope(self, max_positions: int, device):
         d = self.cfg.head_dim
@@ -186,6 +202,10 @@ class ExaoneMoeModel(nn.Module):
     def forward(self, input_ids, positions, meta: AttnMetadata, kv) -> torch.Tensor:
         """Returns the final-normed hidden states [T, H] (the lm_head input; MTP drafts from them too)."""
         x = self.embed[input_ids].to(self.act_dtype)
+        if self._cpu_layers is not None and kernels.backend(x) == "cpu":   # all layers in one C++ call
+            from kernels import cpu_ops
+            x = cpu_ops.forward_layers(self._cpu_layers, x, positions, meta, kv, self.rope)
+            return kernels.rms_norm(x, self.norm, self.eps)
         for layer, idx in zip(self.layers, self.pool_index):
             pool = kv.ring if layer.sliding else kv.paged
             x = layer(x, positions, meta, pool.k[idx], pool.v[idx], self.rope)

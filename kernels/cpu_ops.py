@@ -90,3 +90,33 @@ def moe_route(x, gate_weight, bias, top_k, n_group=1, topk_group=1, norm_topk_pr
 def argmax(x):
     """Row-wise argmax of a 2-D fp32 tensor (int64)."""
     return _ext().argmax_rows(x)
+
+
+def make_layer(attn_norm, post_norm, attn, mlp_weights: dict, *, window: int, pool_index: int, route: dict | None):
+    """A C++ decoder layer (kernels/cpu/exa_cpu.cpp: Layer) over the module's packed weights (shared storage).
+
+    attn: the Attention module (qkv, o, q_norm, k_norm, nq, nkv, d, scale, eps, sliding, use_rope);
+    mlp_weights: router, bias, w13, w2, shared_gate_up, shared_down (MoE) or shared_gate_up, shared_down
+    (a dense MLP); route: top_k, n_group, topk_group, norm_topk_prob, scaling (MoE only)."""
+    L = _ext().Layer()
+    L.input_norm, L.post_norm = attn_norm, post_norm
+    L.qkv, L.o, L.q_norm, L.k_norm = attn.qkv, attn.o, attn.q_norm, attn.k_norm
+    for name, t in mlp_weights.items():
+        setattr(L, name, t)
+    L.nq, L.nkv, L.d = attn.nq, attn.nkv, attn.d
+    L.window, L.pool_index = window or 0, pool_index
+    L.sliding, L.use_rope, L.eps, L.scale = attn.sliding, attn.use_rope, attn.eps, attn.scale
+    for name, value in (route or {}).items():
+        setattr(L, name, value)
+    return L
+
+
+def forward_layers(layers, x, positions, meta, kv, rope):
+    """Run C++ decoder layers in sequence over the residual stream x [T, H]; meta is the step's AttnMetadata."""
+    s = _ext().StepInputs()
+    s.positions, s.cos, s.sin = positions, *rope
+    s.query_start_loc, s.context_lens, s.seq_lens = meta.query_start_loc, meta.context_lens, meta.seq_lens
+    s.block_tables, s.slot_mapping = meta.block_tables, meta.slot_mapping
+    s.ring_slots, s.ring_mapping = meta.ring_slots, meta.ring_mapping
+    s.ring_k, s.ring_v, s.paged_k, s.paged_v = kv.ring.k, kv.ring.v, kv.paged.k, kv.paged.v
+    return _ext().forward_layers(layers, x, s)

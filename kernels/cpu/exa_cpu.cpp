@@ -375,7 +375,7 @@ std::vector<int64_t> with_last(const torch::Tensor& x, int64_t n) {
 }
 
 // x [..., K] fp32 @ w^T, w [N, K] packed with part = N.
-torch::Tensor linear(torch::Tensor x, torch::Tensor w) {
+torch::Tensor linear_op(torch::Tensor x, torch::Tensor w) {
   check_weight(w, "weight");
   TORCH_CHECK(w.dim() == 2 && x.dim() >= 1 && w.size(1) == x.size(-1), "linear: x ", x.sizes(), " and weight ",
               w.sizes(), " do not match");
@@ -1020,11 +1020,73 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Whole decoder layers from C++: the ops above in sequence with no Python in between (at batch 1, the
+// Python dispatch between ~10 ops per layer costs as much as some of the ops).
+
+struct Layer {
+  // attention
+  torch::Tensor input_norm, post_norm, qkv, o, q_norm, k_norm;
+  // MLP: a MoE block (router defined) with an optional shared expert, or a dense MLP in shared_*
+  torch::Tensor router, bias, w13, w2, shared_gate_up, shared_down;
+  int64_t nq = 0, nkv = 0, d = 0, window = 0, pool_index = 0, top_k = 0, n_group = 1, topk_group = 1;
+  bool sliding = false, use_rope = true, norm_topk_prob = true;
+  double eps = 1e-5, scale = 1.0, scaling = 1.0;
+};
+
+// The per-step tensors every layer reads (built by the model runner).
+struct StepInputs {
+  torch::Tensor positions, query_start_loc, context_lens, seq_lens, block_tables, slot_mapping, ring_slots,
+      ring_mapping, cos, sin, ring_k, ring_v, paged_k, paged_v;
+};
+
+const torch::Tensor& none() {
+  static const torch::Tensor t = torch::empty({0});
+  return t;
+}
+
+torch::Tensor or_none(const torch::Tensor& t) { return t.defined() ? t : none(); }
+
+torch::Tensor layer_forward(const Layer& L, const torch::Tensor& x, const StepInputs& in) {
+  const int64_t T = x.size(0), qd = L.nq * L.d, kd = L.nkv * L.d;
+  auto qkv = linear_op(rms_norm(x, L.input_norm, L.eps), L.qkv);
+  auto q = qkv.narrow(1, 0, qd).view({T, L.nq, L.d});
+  auto k = qkv.narrow(1, qd, kd).view({T, L.nkv, L.d});
+  auto v = qkv.narrow(1, qd + kd, kd).view({T, L.nkv, L.d});
+  auto qk = qk_norm_rope(q, k, L.q_norm, L.k_norm, L.eps, in.positions, in.cos, in.sin, L.use_rope);
+  torch::Tensor o;
+  if (L.sliding) {  // attend first, then store (a long chunk would overwrite ring rows its own queries read)
+    auto kc = in.ring_k.select(0, L.pool_index), vc = in.ring_v.select(0, L.pool_index);
+    o = ring_attention(qk[0], qk[1], v, kc, vc, in.ring_slots, in.query_start_loc, in.context_lens, L.window,
+                       L.scale);
+    write_kv(qk[1], v, kc, vc, in.ring_mapping);
+  } else {
+    auto kc = in.paged_k.select(0, L.pool_index), vc = in.paged_v.select(0, L.pool_index);
+    write_kv(qk[1], v, kc, vc, in.slot_mapping);
+    o = paged_attention(qk[0], kc, vc, in.block_tables, in.seq_lens, in.query_start_loc, L.scale);
+  }
+  auto hs = add_rms_norm(linear_op(o.view({T, qd}), L.o), x, L.post_norm, L.eps);  // {normed, residual}
+  torch::Tensor mlp;
+  if (L.router.defined()) {
+    auto r = moe_route(hs[0], L.router, L.bias, L.top_k, L.n_group, L.topk_group, L.norm_topk_prob, L.scaling);
+    mlp = moe(hs[0], L.w13, L.w2, r[0], r[1], or_none(L.shared_gate_up), or_none(L.shared_down));
+  } else {
+    mlp = moe(hs[0], none(), none(), none(), none(), L.shared_gate_up, L.shared_down);
+  }
+  return hs[1].add_(mlp);
+}
+
+torch::Tensor forward_layers(const std::vector<const Layer*>& layers, torch::Tensor x, const StepInputs& in) {
+  check_act(x, "x", 2);
+  for (const Layer* L : layers) x = layer_forward(*L, x, in);
+  return x;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "packed copy of a weight [..., N, K] in parts of `part` rows");
-  m.def("linear", &linear, "x [M, K] fp32 @ w [N, K] (packed, fp32 or bf16)^T -> [M, N] fp32");
+  m.def("linear", &linear_op, "x [M, K] fp32 @ w [N, K] (packed, fp32 or bf16)^T -> [M, N] fp32");
   m.def("moe", &moe, "routed + shared experts in one call");
   m.def("moe_route", &moe_route);
   m.def("argmax_rows", &argmax_rows);
@@ -1034,4 +1096,49 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("write_kv", &write_kv);
   m.def("ring_attention", &ring_attention);
   m.def("paged_attention", &paged_attention);
+  py::class_<Layer>(m, "Layer")
+      .def(py::init<>())
+      .def_readwrite("input_norm", &Layer::input_norm)
+      .def_readwrite("post_norm", &Layer::post_norm)
+      .def_readwrite("qkv", &Layer::qkv)
+      .def_readwrite("o", &Layer::o)
+      .def_readwrite("q_norm", &Layer::q_norm)
+      .def_readwrite("k_norm", &Layer::k_norm)
+      .def_readwrite("router", &Layer::router)
+      .def_readwrite("bias", &Layer::bias)
+      .def_readwrite("w13", &Layer::w13)
+      .def_readwrite("w2", &Layer::w2)
+      .def_readwrite("shared_gate_up", &Layer::shared_gate_up)
+      .def_readwrite("shared_down", &Layer::shared_down)
+      .def_readwrite("nq", &Layer::nq)
+      .def_readwrite("nkv", &Layer::nkv)
+      .def_readwrite("d", &Layer::d)
+      .def_readwrite("window", &Layer::window)
+      .def_readwrite("pool_index", &Layer::pool_index)
+      .def_readwrite("top_k", &Layer::top_k)
+      .def_readwrite("n_group", &Layer::n_group)
+      .def_readwrite("topk_group", &Layer::topk_group)
+      .def_readwrite("sliding", &Layer::sliding)
+      .def_readwrite("use_rope", &Layer::use_rope)
+      .def_readwrite("norm_topk_prob", &Layer::norm_topk_prob)
+      .def_readwrite("eps", &Layer::eps)
+      .def_readwrite("scale", &Layer::scale)
+      .def_readwrite("scaling", &Layer::scaling);
+  py::class_<StepInputs>(m, "StepInputs")
+      .def(py::init<>())
+      .def_readwrite("positions", &StepInputs::positions)
+      .def_readwrite("query_start_loc", &StepInputs::query_start_loc)
+      .def_readwrite("context_lens", &StepInputs::context_lens)
+      .def_readwrite("seq_lens", &StepInputs::seq_lens)
+      .def_readwrite("block_tables", &StepInputs::block_tables)
+      .def_readwrite("slot_mapping", &StepInputs::slot_mapping)
+      .def_readwrite("ring_slots", &StepInputs::ring_slots)
+      .def_readwrite("ring_mapping", &StepInputs::ring_mapping)
+      .def_readwrite("cos", &StepInputs::cos)
+      .def_readwrite("sin", &StepInputs::sin)
+      .def_readwrite("ring_k", &StepInputs::ring_k)
+      .def_readwrite("ring_v", &StepInputs::ring_v)
+      .def_readwrite("paged_k", &StepInputs::paged_k)
+      .def_readwrite("paged_v", &StepInputs::paged_v);
+  m.def("forward_layers", &forward_layers, "decoder layers in sequence; returns the residual stream after them");
 }
