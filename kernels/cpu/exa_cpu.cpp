@@ -770,11 +770,10 @@ std::vector<torch::Tensor> qk_norm_rope(torch::Tensor q, torch::Tensor k, torch:
     s = sin.to(at::kFloat).contiguous();
     TORCH_CHECK(c.dim() == 2 && c.size(1) * 2 == q.size(2) && s.sizes() == c.sizes(),
                 "qk_norm_rope: cos/sin must be [max_pos, head_dim/2]");
-    if (pos.numel()) {
-      const int64_t mx = pos.max().item<int64_t>(), mn = pos.min().item<int64_t>();
-      TORCH_CHECK(mn >= 0 && mx < c.size(0), "qk_norm_rope: position ", mx, " beyond the RoPE table (",
+    const int64_t* pp = pos.data_ptr<int64_t>();
+    for (int64_t i = 0; i < pos.numel(); ++i)
+      TORCH_CHECK(pp[i] >= 0 && pp[i] < c.size(0), "qk_norm_rope: position ", pp[i], " beyond the RoPE table (",
                   c.size(0), ")");
-    }
     cp = c.data_ptr<float>();
     sp = s.data_ptr<float>();
   }
