@@ -1083,18 +1083,19 @@ torch::Tensor forward_layers(const std::vector<const Layer*>& layers, torch::Ten
 
 }  // namespace
 
+// Entry points that compute release the GIL: the HTTP thread can serialise tokens meanwhile.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "packed copy of a weight [..., N, K] in parts of `part` rows");
-  m.def("linear", &linear_op, "x [M, K] fp32 @ w [N, K] (packed, fp32 or bf16)^T -> [M, N] fp32");
-  m.def("moe", &moe, "routed + shared experts in one call");
-  m.def("moe_route", &moe_route);
-  m.def("argmax_rows", &argmax_rows);
+  m.def("linear", &linear_op, "x [M, K] fp32 @ w [N, K] (packed, fp32 or bf16)^T -> [M, N] fp32", py::call_guard<py::gil_scoped_release>());
+  m.def("moe", &moe, "routed + shared experts in one call", py::call_guard<py::gil_scoped_release>());
+  m.def("moe_route", &moe_route, py::call_guard<py::gil_scoped_release>());
+  m.def("argmax_rows", &argmax_rows, py::call_guard<py::gil_scoped_release>());
   m.def("rms_norm", &rms_norm);
   m.def("add_rms_norm", &add_rms_norm);
   m.def("qk_norm_rope", &qk_norm_rope);
   m.def("write_kv", &write_kv);
-  m.def("ring_attention", &ring_attention);
-  m.def("paged_attention", &paged_attention);
+  m.def("ring_attention", &ring_attention, py::call_guard<py::gil_scoped_release>());
+  m.def("paged_attention", &paged_attention, py::call_guard<py::gil_scoped_release>());
   py::class_<Layer>(m, "Layer")
       .def(py::init<>())
       .def_readwrite("input_norm", &Layer::input_norm)
@@ -1139,5 +1140,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("ring_v", &StepInputs::ring_v)
       .def_readwrite("paged_k", &StepInputs::paged_k)
       .def_readwrite("paged_v", &StepInputs::paged_v);
-  m.def("forward_layers", &forward_layers, "decoder layers in sequence; returns the residual stream after them");
+  m.def("forward_layers", &forward_layers, "decoder layers in sequence; returns the residual stream after them", py::call_guard<py::gil_scoped_release>());
 }
