@@ -166,12 +166,27 @@ def serve(argv: list[str]) -> int:
     return 0
 
 
+def build_kernels(argv: list[str]) -> int:
+    """Compile the C++ CPU kernels now (otherwise the first CPU server or engine does it, ~30-60 s once)."""
+    argparse.ArgumentParser(prog="exaserve build-kernels", description=build_kernels.__doc__).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from kernels import cpu
+    module = cpu.load()
+    if module is None:
+        print("exaserve: the C++ CPU kernels did not build (see the warning above); the torch path will be used",
+              file=sys.stderr)
+        return 1
+    print(f"C++ CPU kernels ready: {module.__file__}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from engine.tiny import main_make_tiny
 
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"serve": serve, "make-tiny": main_make_tiny}
-    usage = "usage: exaserve {serve,make-tiny} [options]   (exaserve COMMAND --help lists the options)"
+    commands = {"serve": serve, "make-tiny": main_make_tiny, "build-kernels": build_kernels}
+    usage = ("usage: exaserve {serve,make-tiny,build-kernels} [options]   (exaserve COMMAND --help lists the "
+             "options)")
     if argv[:1] in (["-h"], ["--help"]):
         print(usage)
         return 0

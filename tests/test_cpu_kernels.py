@@ -241,3 +241,55 @@ def test_engine_bf16_weights_match_torch_path(tmp_path, monkeypatch):
     assert results["auto"][0] == results["torch"][0]
     diff = max(abs(a - b) for xs, ys in zip(results["auto"][1], results["torch"][1]) for a, b in zip(xs, ys))
     assert diff < 1e-4
+
+
+def test_pack_layout_and_packed_parameters():
+    """The packed layout: parts of `part` rows, panels of 32 rows stored k-major, a narrower last panel; a
+    packed parameter is marked, read correctly by the C++ GEMM, and refused by the torch path."""
+    w = torch.arange(2 * 40 * 3, dtype=torch.float32).view(1, 80, 3)       # one matrix, two parts of 40 rows
+    packed = kernels.cpu.load().pack(w, 40)
+    flat = packed.view(-1)
+    for part in (0, 1):
+        base = part * 40 * 3
+        for row in range(40):
+            panel, j = divmod(row, 32)
+            width = 32 if panel == 0 else 8
+            for k in range(3):
+                assert flat[base + panel * 32 * 3 + k * width + j] == w[0, part * 40 + row, k]
+    p = torch.nn.Parameter(rn(70, 24).bfloat16(), requires_grad=False)
+    plain = p.detach().clone()
+    cpu_ops.pack_parameter(p)
+    assert cpu_ops.is_packed(p) and not torch.equal(p.detach(), plain)
+    x = rn(5, 24)
+    check(cpu_ops.linear(x, p), F.linear(x, plain.float()), torch.float32)
+    with pytest.raises(RuntimeError, match="packed for the C\\+\\+ CPU kernels"):
+        ref.linear(x, p)
+
+
+def test_fused_layers_match_per_op_path(tmp_path):
+    """The engine's one-call C++ decoder stack gives the per-op path's tokens and logprobs (a model with dense
+    and MoE layers, shared and grouped routing, sliding and global attention)."""
+    from engine import LLM, SamplingParams
+    from tests.hf_reference import make_hf_checkpoint
+    make_hf_checkpoint(tmp_path, num_attention_heads=8, num_key_value_heads=2, head_dim=16, sliding_window=6,
+                       num_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2)
+    llm = LLM(str(tmp_path), dtype="float32", max_num_seqs=4, max_num_batched_tokens=16, block_size=4)
+    assert llm.engine.model._cpu_layers is not None
+    prompts = [[(5 * i + 7 * j) % 90 + 3 for j in range(n)] for i, n in enumerate([3, 11, 20, 7])]
+    params = SamplingParams(max_tokens=10, temperature=0.0, logprobs=0, ignore_eos=True)
+
+    def run():
+        outs = [o.outputs[0] for o in llm.generate(prompts, params)]
+        return [o.token_ids for o in outs], [[lp[t] for lp, t in zip(o.logprobs, o.token_ids)] for o in outs]
+
+    fused = run()
+    llm.engine.model._cpu_layers = None            # the per-op path over the same packed weights
+    per_op = run()
+    assert fused[0] == per_op[0]
+    assert max(abs(a - b) for xs, ys in zip(fused[1], per_op[1]) for a, b in zip(xs, ys)) < 1e-4
+
+
+def test_build_kernels_command(capsys):
+    from server.cli import main
+    assert main(["build-kernels"]) == 0
+    assert "C++ CPU kernels ready" in capsys.readouterr().out
