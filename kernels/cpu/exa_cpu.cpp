@@ -235,6 +235,7 @@ template <typename W>
 void panel_rows(const float* const* x, int M, const W* panel, int K, float* o, int64_t ldo, int width) {
   {
     int m = 0;
+    for (; m + 12 <= M; m += 12) ukernel<12>(x + m, panel, K, o + m * ldo, ldo, width);  // 24 accumulators
     for (; m + 8 <= M; m += 8) ukernel<8>(x + m, panel, K, o + m * ldo, ldo, width);
     if (M - m >= 4) {
       ukernel<4>(x + m, panel, K, o + m * ldo, ldo, width);
