@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import time
+import zlib
 from pathlib import Path
 
 log = logging.getLogger("exaserve.kernels")
@@ -24,10 +25,14 @@ def load():
         return None
     try:
         from torch.utils import cpp_extension
+        # EXASERVE_CPU_EXT_CFLAGS: extra compiler flags for experiments (e.g. -DEXA_PREFETCH=64); each set of
+        # flags builds under its own name, so switching back and forth does not rebuild.
+        extra = os.environ.get("EXASERVE_CPU_EXT_CFLAGS", "").split()
+        name = "exaserve_cpu" + (f"_{zlib.crc32(' '.join(extra).encode()):08x}" if extra else "")
         t0 = time.monotonic()
         module = cpp_extension.load(
-            name="exaserve_cpu", sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"],
+            name=name, sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", *extra],
             extra_ldflags=["-fopenmp"], verbose=False)
         dt = time.monotonic() - t0
         if dt > 2:

@@ -1085,18 +1085,23 @@ torch::Tensor forward_layers(const std::vector<const Layer*>& layers, torch::Ten
 }  // namespace
 
 // Entry points that compute release the GIL: the HTTP thread can serialise tokens meanwhile.
+#ifdef EXA_HOLD_GIL
+#define EXA_COMPUTE_GUARD
+#else
+#define EXA_COMPUTE_GUARD , py::call_guard<py::gil_scoped_release>()
+#endif
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "packed copy of a weight [..., N, K] in parts of `part` rows");
-  m.def("linear", &linear_op, "x [M, K] fp32 @ w [N, K] (packed, fp32 or bf16)^T -> [M, N] fp32", py::call_guard<py::gil_scoped_release>());
-  m.def("moe", &moe, "routed + shared experts in one call", py::call_guard<py::gil_scoped_release>());
-  m.def("moe_route", &moe_route, py::call_guard<py::gil_scoped_release>());
-  m.def("argmax_rows", &argmax_rows, py::call_guard<py::gil_scoped_release>());
+  m.def("linear", &linear_op, "x [M, K] fp32 @ w [N, K] (packed, fp32 or bf16)^T -> [M, N] fp32" EXA_COMPUTE_GUARD);
+  m.def("moe", &moe, "routed + shared experts in one call" EXA_COMPUTE_GUARD);
+  m.def("moe_route", &moe_route EXA_COMPUTE_GUARD);
+  m.def("argmax_rows", &argmax_rows EXA_COMPUTE_GUARD);
   m.def("rms_norm", &rms_norm);
   m.def("add_rms_norm", &add_rms_norm);
   m.def("qk_norm_rope", &qk_norm_rope);
   m.def("write_kv", &write_kv);
-  m.def("ring_attention", &ring_attention, py::call_guard<py::gil_scoped_release>());
-  m.def("paged_attention", &paged_attention, py::call_guard<py::gil_scoped_release>());
+  m.def("ring_attention", &ring_attention EXA_COMPUTE_GUARD);
+  m.def("paged_attention", &paged_attention EXA_COMPUTE_GUARD);
   py::class_<Layer>(m, "Layer")
       .def(py::init<>())
       .def_readwrite("input_norm", &Layer::input_norm)
@@ -1141,5 +1146,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("ring_v", &StepInputs::ring_v)
       .def_readwrite("paged_k", &StepInputs::paged_k)
       .def_readwrite("paged_v", &StepInputs::paged_v);
-  m.def("forward_layers", &forward_layers, "decoder layers in sequence; returns the residual stream after them", py::call_guard<py::gil_scoped_release>());
+  m.def("forward_layers", &forward_layers, "decoder layers in sequence; returns the residual stream after them" EXA_COMPUTE_GUARD);
 }
