@@ -179,7 +179,10 @@ constexpr int PREFETCH = EXA_PREFETCH;
 #define EXA_PF_LOCALITY 2  // prefetcht1: into L2, which frees the fill buffers sooner than t0 (A/B: -7% per step)
 #endif
 // From this many rows, a bf16 panel is widened to fp32 once instead of in registers per row tile.
-constexpr int WIDEN_ROWS = 48;
+#ifndef EXA_WIDEN_ROWS
+#define EXA_WIDEN_ROWS 48
+#endif
+constexpr int WIDEN_ROWS = EXA_WIDEN_ROWS;
 
 // MR rows of x against one full-width panel [K][32]; writes the first `ncols` columns.
 template <int MR, typename W>
