@@ -1,7 +1,7 @@
 """Reference (torch) implementations of every compute op.
 
-These are the CPU path and the numerical reference the Triton kernels are tested against. Each op has the
-same signature as its public function in `kernels/__init__.py`.
+These are the numerical reference the Triton and C++ CPU kernels are tested against, and the path taken where
+neither applies. Each op has the same signature as its public function in `kernels/__init__.py`.
 """
 import torch
 import torch.nn.functional as F
