@@ -14,6 +14,7 @@ to (plus activations in and out).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -67,11 +68,16 @@ def ceilings(device, dtype) -> tuple[float, float]:
     return bw, peak
 
 
+def _triton(module: str, name: str | None, with_triton: bool):
+    """The Triton op (or module, name None) to time beside the torch path, or None without Triton."""
+    if not with_triton:
+        return None
+    mod = importlib.import_module(f"kernels.{module}")
+    return mod if name is None else getattr(mod, name)
+
+
 def moe_cases(device, dtype, H, E, k, widths, Ms, with_triton):
-    tri = None
-    if with_triton:
-        from kernels import triton_moe
-        tri = triton_moe.fused_moe
+    tri = _triton("triton_moe", "fused_moe", with_triton)
     el = torch.empty((), dtype=dtype).element_size()
     for N in widths:
         w13 = torch.randn(E, 2 * N, H, device=device).to(dtype) * 0.02
@@ -90,10 +96,7 @@ def moe_cases(device, dtype, H, E, k, widths, Ms, with_triton):
 
 def paged_cases(device, dtype, nq, nkv, d, page, shapes, with_triton):
     """shapes: (batch, context, new tokens per sequence)."""
-    tri = None
-    if with_triton:
-        from kernels import triton_attention
-        tri = triton_attention.paged_attention
+    tri = _triton("triton_attention", "paged_attention", with_triton)
     el = torch.empty((), dtype=dtype).element_size()
     for B, L, n in shapes:
         blocks = -(-L // page)
@@ -113,10 +116,7 @@ def paged_cases(device, dtype, nq, nkv, d, page, shapes, with_triton):
 
 def ring_cases(device, dtype, nq, nkv, d, window, shapes, with_triton):
     """shapes: (batch, context before the step, new tokens per sequence)."""
-    tri = None
-    if with_triton:
-        from kernels import triton_attention
-        tri = triton_attention.ring_attention
+    tri = _triton("triton_attention", "ring_attention", with_triton)
     el = torch.empty((), dtype=dtype).element_size()
     for B, c, n in shapes:
         q = torch.randn(B * n, nq, d, device=device).to(dtype)
@@ -134,9 +134,7 @@ def ring_cases(device, dtype, nq, nkv, d, window, shapes, with_triton):
 
 
 def norm_cases(device, dtype, H, T, nq, nkv, d, with_triton):
-    tri = None
-    if with_triton:
-        from kernels import triton_norm as tri
+    tri = _triton("triton_norm", None, with_triton)
     el = torch.empty((), dtype=dtype).element_size()
     x, r, w = (torch.randn(T, H, device=device).to(dtype) for _ in range(3))
     w = w[0]

@@ -24,6 +24,9 @@ from engine.scheduler import Scheduler
 from engine.tokenizer import Tokenizer
 
 log = logging.getLogger("exaserve.engine")
+# Engines freeze the gc generations (see EngineCore.__init__); the final collection at exit must see those
+# objects again, or native bindings report them as leaked.
+atexit.register(gc.unfreeze)
 
 GiB = 1 << 30
 
@@ -41,13 +44,14 @@ class EngineCore:
         self.tokenizer = Tokenizer.from_pretrained(path)
         stored = resolve_dtype(cfg.checkpoint_dtype if dtype == "auto" else dtype)
         self.weight_dtype = self.dtype = stored
+        cpu_kernels = self.device.type == "cpu" and kernels.backend(torch.empty(0)) == "cpu"
         if self.device.type == "cpu" and self.dtype != torch.float32:
             # CPUs without native bf16/fp16 matrix units run half-precision torch GEMMs 5-40x slower than fp32, so
             # activations are fp32 (self.dtype: activations and KV cache). The C++ kernels read bf16 weights
             # as they are (half the bytes per step, exact widening in registers); otherwise the weights are
             # upcast once at load, which is exact and costs only memory.
             self.dtype = torch.float32
-            if not (self.weight_dtype == torch.bfloat16 and kernels.backend(torch.empty(0)) == "cpu"):
+            if not (self.weight_dtype == torch.bfloat16 and cpu_kernels):
                 self.weight_dtype = torch.float32
             log.info("CPU: %s weights kept as %s, computed in float32", str(stored).removeprefix("torch."),
                      str(self.weight_dtype).removeprefix("torch."))
@@ -63,7 +67,7 @@ class EngineCore:
             raise ValueError(f"num_speculative_tokens={num_speculative_tokens} needs the checkpoint's MTP block "
                              f"(mtp.* tensors), and {path} has none; use num_speculative_tokens=0")
         self.num_spec_tokens = num_speculative_tokens
-        if self.device.type == "cpu" and kernels.backend(torch.empty(0, dtype=self.dtype)) == "cpu":
+        if cpu_kernels:
             self.model.pack_for_cpu()
         self.model.init_rope(self.max_model_len, self.device)
         self.load_seconds = time.monotonic() - t0
@@ -83,7 +87,6 @@ class EngineCore:
         # allocations trigger, from walking it (measured: ~5% of a batch-1 decode step went to gc).
         gc.collect()
         gc.freeze()
-        atexit.register(gc.unfreeze)   # let the final collection at exit see them again (bindings count leaks)
 
     def _default_kv_memory(self) -> int:
         if self.device.type == "cuda":

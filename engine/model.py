@@ -151,7 +151,7 @@ class ExaoneMoeModel(nn.Module):
         """Reorder every GEMM weight into the C++ CPU kernels' packed layout (kernels/cpu_ops.py), once after
         loading. From then on only the C++ path can read them. A tied lm_head gets its own packed copy, since
         the embedding lookup needs plain rows."""
-        from kernels import cpu_ops
+        cpu_ops = kernels.cpu_ops
 
         def pack_mlp(mlp):
             cpu_ops.pack_parameter(mlp.gate_up, mlp.gate_up.shape[0] // 2)
@@ -179,7 +179,6 @@ class ExaoneMoeModel(nn.Module):
             pack_layer(self.mtp.layer)
 
     def _cpu_layer(self, layer: "DecoderLayer", pool_index: int):
-        from kernels import cpu_ops
         c, mlp = self.cfg, layer.mlp
         if isinstance(mlp, MoE):
             weights = {"router": mlp.router, "bias": mlp.bias, "w13": mlp.w13, "w2": mlp.w2}
@@ -189,7 +188,7 @@ class ExaoneMoeModel(nn.Module):
                          norm_topk_prob=c.norm_topk_prob, scaling=c.routed_scaling_factor)
         else:
             weights, route = {"shared_gate_up": mlp.gate_up, "shared_down": mlp.down}, None
-        return cpu_ops.make_layer(layer.input_norm, layer.post_norm, layer.attn, weights,
+        return kernels.cpu_ops.make_layer(layer.input_norm, layer.post_norm, layer.attn, weights,
                                   window=layer.attn.window, pool_index=pool_index, route=route)
 
     def init_rope(self, max_positions: int, device):
@@ -203,8 +202,7 @@ class ExaoneMoeModel(nn.Module):
         """Returns the final-normed hidden states [T, H] (the lm_head input; MTP drafts from them too)."""
         x = self.embed[input_ids].to(self.act_dtype)
         if self._cpu_layers is not None and kernels.backend(x) == "cpu":   # all layers in one C++ call
-            from kernels import cpu_ops
-            x = cpu_ops.forward_layers(self._cpu_layers, x, positions, meta, kv, self.rope)
+            x = kernels.cpu_ops.forward_layers(self._cpu_layers, x, positions, meta, kv, self.rope)
             return kernels.rms_norm(x, self.norm, self.eps)
         for layer, idx in zip(self.layers, self.pool_index):
             pool = kv.ring if layer.sliding else kv.paged

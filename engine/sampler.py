@@ -117,8 +117,11 @@ class Sampler:
 def _processed(row: SamplingRow) -> bool:
     """Whether any processor may change this row's logits."""
     p = row.params
-    return (not p.greedy or bool(p.logit_bias) or len(row.output_token_ids) < p.min_tokens
-            or (p.repetition_penalty, p.frequency_penalty, p.presence_penalty) != (1.0, 0.0, 0.0))
+    return not p.greedy or bool(p.logit_bias) or len(row.output_token_ids) < p.min_tokens or _penalized(p)
+
+
+def _penalized(p: SamplingParams) -> bool:
+    return (p.repetition_penalty, p.frequency_penalty, p.presence_penalty) != (1.0, 0.0, 0.0)
 
 
 def _column(values: list, like: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -148,11 +151,7 @@ def _apply_min_tokens(x: torch.Tensor, rows: list[SamplingRow]) -> None:
 
 def _apply_penalties(x: torch.Tensor, rows: list[SamplingRow]) -> None:
     """Penalties on the subset of rows that asks for any, counting tokens with one scatter_add."""
-    picked = [
-        i
-        for i, row in enumerate(rows)
-        if (row.params.repetition_penalty, row.params.frequency_penalty, row.params.presence_penalty) != (1.0, 0.0, 0.0)
-    ]
+    picked = [i for i, row in enumerate(rows) if _penalized(row.params)]
     if not picked:
         return
     params = [rows[i].params for i in picked]

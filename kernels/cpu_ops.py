@@ -17,21 +17,21 @@ def _ext():
     return cpu.load()
 
 
+def is_packed(w) -> bool:
+    return getattr(w, "exa_packed", False)
+
+
 def pack_parameter(param: torch.Tensor, part: int | None = None) -> None:
-    """Reorder a weight [..., N, K] in place into the packed layout, in parts of `part` rows (default N: one
-    part; w13 and gate_up use their gate width, so gate and up rows are separate parts)."""
-    if getattr(param, "exa_packed", False):
+    """Reorder a weight [..., N, K] into the packed layout, in parts of `part` rows (default N: one part; w13
+    and gate_up use their gate width, so gate and up rows are separate parts). The parameter keeps its shape."""
+    if is_packed(param):
         return
-    param.data.copy_(_ext().pack(param.data, part or param.shape[-2]))
+    param.data = _ext().pack(param.data, part or param.shape[-2])
     param.exa_packed = True
 
 
 def _packed(w, part=None):
-    return w if getattr(w, "exa_packed", False) else _ext().pack(w.contiguous(), part or w.shape[-2])
-
-
-def is_packed(w) -> bool:
-    return getattr(w, "exa_packed", False)
+    return w if is_packed(w) else _ext().pack(w.contiguous(), part or w.shape[-2])
 
 
 def linear(x, w):
@@ -43,13 +43,11 @@ def rms_norm(x, weight, eps):
 
 
 def add_rms_norm(x, residual, weight, eps):
-    h, s = _ext().add_rms_norm(x, residual, weight, eps)
-    return h, s
+    return tuple(_ext().add_rms_norm(x, residual, weight, eps))
 
 
 def qk_norm_rope(q, k, q_weight, k_weight, eps, positions, cos, sin, use_rope):
-    q, k = _ext().qk_norm_rope(q, k, q_weight, k_weight, eps, positions, cos, sin, use_rope)
-    return q, k
+    return tuple(_ext().qk_norm_rope(q, k, q_weight, k_weight, eps, positions, cos, sin, use_rope))
 
 
 def _experts(gate_up, down):
@@ -83,8 +81,7 @@ def ring_attention(q, k, v, k_ring, v_ring, ring_slots, query_start_loc, context
 
 
 def moe_route(x, gate_weight, bias, top_k, n_group=1, topk_group=1, norm_topk_prob=True, scaling=1.0):
-    w, ids = _ext().moe_route(x, gate_weight, bias, top_k, n_group, topk_group, norm_topk_prob, scaling)
-    return w, ids
+    return tuple(_ext().moe_route(x, gate_weight, bias, top_k, n_group, topk_group, norm_topk_prob, scaling))
 
 
 def argmax(x):

@@ -13,7 +13,6 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -925,12 +924,13 @@ torch::Tensor ring_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, 
   const int nq = q.size(1), nkv = k_ring.size(2), d = q.size(2), g = nq / nkv, ring_len = k_ring.size(1);
   TORCH_CHECK(window >= 1 && window <= ring_len, "ring_attention: window ", window, " vs ring_len ", ring_len);
   auto qsl = query_start_loc.to(at::kInt).contiguous();
-  auto ctx = context_lens.to(at::kLong).contiguous();
+  auto ctx = context_lens.to(at::kInt).contiguous();   // the runner's int32: no conversion per layer
   auto slots = ring_slots.to(at::kLong).contiguous();
   const int S = ctx.numel();
   TORCH_CHECK(qsl.numel() == S + 1 && slots.numel() == S, "ring_attention: metadata sizes");
   const int32_t* qs = qsl.data_ptr<int32_t>();
-  const int64_t *cp = ctx.data_ptr<int64_t>(), *sp = slots.data_ptr<int64_t>();
+  const int32_t* cp = ctx.data_ptr<int32_t>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
   for (int s = 0; s < S; ++s)
     TORCH_CHECK(sp[s] >= 0 && sp[s] < k_ring.size(0), "ring_attention: ring slot ", sp[s], " out of range");
   auto out = torch::empty(q.sizes(), q.options());
@@ -979,12 +979,12 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Ten
   check_attn(q, k_cache, v_cache);
   const int nq = q.size(1), nkv = k_cache.size(2), d = q.size(2), g = nq / nkv, bs = k_cache.size(1);
   auto qsl = query_start_loc.to(at::kInt).contiguous();
-  auto lens = seq_lens.to(at::kLong).contiguous();
+  auto lens = seq_lens.to(at::kInt).contiguous();      // the runner's int32: no conversion per layer
   auto bt = block_tables.to(at::kInt).contiguous();
   const int S = lens.numel();
   TORCH_CHECK(qsl.numel() == S + 1 && bt.dim() == 2 && bt.size(0) == S, "paged_attention: metadata sizes");
   const int32_t *qs = qsl.data_ptr<int32_t>(), *btp = bt.data_ptr<int32_t>();
-  const int64_t* lp = lens.data_ptr<int64_t>();
+  const int32_t* lp = lens.data_ptr<int32_t>();
   const int64_t nblk = bt.size(1);
   for (int s = 0; s < S; ++s) {
     TORCH_CHECK((lp[s] + bs - 1) / bs <= nblk, "paged_attention: sequence ", s, " of ", lp[s],
