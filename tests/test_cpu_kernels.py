@@ -293,3 +293,18 @@ def test_build_kernels_command(capsys):
     from server.cli import main
     assert main(["build-kernels"]) == 0
     assert "C++ CPU kernels ready" in capsys.readouterr().out
+
+
+def test_stale_build_lock_is_cleared():
+    """A build killed midway leaves torch's lock file behind; the next load must clear it, not wait forever."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    where = kernels.cpu.build_dir([])
+    (where / "lock").touch()
+    code = "from kernels import cpu; import sys; sys.exit(0 if cpu.load() is not None else 1)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], timeout=600,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "interrupted kernel build" in done.stderr
+    assert not (where / "lock").exists()
