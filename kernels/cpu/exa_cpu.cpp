@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -1050,14 +1051,31 @@ const torch::Tensor& none() {
 
 torch::Tensor or_none(const torch::Tensor& t) { return t.defined() ? t : none(); }
 
+#ifdef EXA_TIMERS  // per-stage wall time of layer_forward, for profiling builds (EXASERVE_CPU_EXT_CFLAGS=-DEXA_TIMERS)
+double stage_ns[8];
+struct Stage {
+  int i;
+  std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
+  ~Stage() { stage_ns[i] += std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - t0).count(); }
+};
+#define EXA_STAGE(i, ...) [&] { Stage s_{i}; return __VA_ARGS__; }()
+#else
+#define EXA_STAGE(i, ...) __VA_ARGS__
+#endif
+
 torch::Tensor layer_forward(const Layer& L, const torch::Tensor& x, const StepInputs& in) {
   const int64_t T = x.size(0), qd = L.nq * L.d, kd = L.nkv * L.d;
-  auto qkv = linear_op(rms_norm(x, L.input_norm, L.eps), L.qkv);
+  auto xn = EXA_STAGE(0, rms_norm(x, L.input_norm, L.eps));
+  auto qkv = EXA_STAGE(1, linear_op(xn, L.qkv));
   auto q = qkv.narrow(1, 0, qd).view({T, L.nq, L.d});
   auto k = qkv.narrow(1, qd, kd).view({T, L.nkv, L.d});
   auto v = qkv.narrow(1, qd + kd, kd).view({T, L.nkv, L.d});
-  auto qk = qk_norm_rope(q, k, L.q_norm, L.k_norm, L.eps, in.positions, in.cos, in.sin, L.use_rope);
+  auto qk = EXA_STAGE(2, qk_norm_rope(q, k, L.q_norm, L.k_norm, L.eps, in.positions, in.cos, in.sin, L.use_rope));
   torch::Tensor o;
+#ifdef EXA_TIMERS
+  {
+    Stage s_{3};
+#endif
   if (L.sliding) {  // attend first, then store (a long chunk would overwrite ring rows its own queries read)
     auto kc = in.ring_k.select(0, L.pool_index), vc = in.ring_v.select(0, L.pool_index);
     o = ring_attention(qk[0], qk[1], v, kc, vc, in.ring_slots, in.query_start_loc, in.context_lens, L.window,
@@ -1068,15 +1086,19 @@ torch::Tensor layer_forward(const Layer& L, const torch::Tensor& x, const StepIn
     write_kv(qk[1], v, kc, vc, in.slot_mapping);
     o = paged_attention(qk[0], kc, vc, in.block_tables, in.seq_lens, in.query_start_loc, L.scale);
   }
-  auto hs = add_rms_norm(linear_op(o.view({T, qd}), L.o), x, L.post_norm, L.eps);  // {normed, residual}
+#ifdef EXA_TIMERS
+  }
+#endif
+  auto hs = EXA_STAGE(4, add_rms_norm(linear_op(o.view({T, qd}), L.o), x, L.post_norm, L.eps));  // {normed, residual}
   torch::Tensor mlp;
   if (L.router.defined()) {
-    auto r = moe_route(hs[0], L.router, L.bias, L.top_k, L.n_group, L.topk_group, L.norm_topk_prob, L.scaling);
-    mlp = moe(hs[0], L.w13, L.w2, r[0], r[1], or_none(L.shared_gate_up), or_none(L.shared_down));
+    auto r = EXA_STAGE(5, moe_route(hs[0], L.router, L.bias, L.top_k, L.n_group, L.topk_group, L.norm_topk_prob,
+                                    L.scaling));
+    mlp = EXA_STAGE(6, moe(hs[0], L.w13, L.w2, r[0], r[1], or_none(L.shared_gate_up), or_none(L.shared_down)));
   } else {
-    mlp = moe(hs[0], none(), none(), none(), none(), L.shared_gate_up, L.shared_down);
+    mlp = EXA_STAGE(6, moe(hs[0], none(), none(), none(), none(), L.shared_gate_up, L.shared_down));
   }
-  return hs[1].add_(mlp);
+  return EXA_STAGE(7, hs[1].add_(mlp));
 }
 
 torch::Tensor forward_layers(const std::vector<const Layer*>& layers, torch::Tensor x, const StepInputs& in) {
@@ -1149,5 +1171,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("ring_v", &StepInputs::ring_v)
       .def_readwrite("paged_k", &StepInputs::paged_k)
       .def_readwrite("paged_v", &StepInputs::paged_v);
+#ifdef EXA_TIMERS
+  m.def("stage_ns", [] { return std::vector<double>(stage_ns, stage_ns + 8); });
+#endif
   m.def("forward_layers", &forward_layers, "decoder layers in sequence; returns the residual stream after them" EXA_COMPUTE_GUARD);
 }
