@@ -29,12 +29,14 @@ import json
 import math
 import os
 import random
+import ssl
 import string
 import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -194,44 +196,200 @@ def _is_token_chunk(choice: dict) -> bool:
                 or delta.get("tool_calls"))
 
 
-async def send(client: httpx.AsyncClient, url: str, payload: dict, prompt: Prompt) -> Result:
-    result = Result(prompt_tokens=prompt.input_len)
-    start = last = time.perf_counter()
-    done = False
-    try:
-        async with client.stream("POST", url, content=_dumps(payload),
-                                 headers={"Content-Type": "application/json"}) as response:
-            if response.status_code != 200:
-                body = (await response.aread()).decode(errors="replace")
-                result.error = f"HTTP {response.status_code}: {body[:300]}"
-                return result
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    done = True
+class _Stream(asyncio.Protocol):
+    """One streamed HTTP/1.1 POST on its own connection, parsed as bytes arrive.
+
+    The load generator shares the CPU with the server under test (on a small host, the same cores), so its
+    per-token work must be small: each arriving segment is split into chunks (chunked transfer encoding, a
+    Content-Length body, or a body that runs to the close) and SSE lines in place, with no coroutine switch
+    per token. `on_data(payload, t)` gets each `data:` payload and the time its bytes arrived."""
+
+    def __init__(self, on_data):
+        self.on_data = on_data
+        self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.buf = bytearray()       # bytes not parsed yet
+        self.line = bytearray()      # an SSE line split across chunks
+        self.status: int | None = None
+        self.body = bytearray()      # the whole body of a non-200 response
+        self.chunked = False
+        self.remaining: int | None = None  # body bytes left (Content-Length); None: to the close
+        self.chunk_left = 0          # bytes left in the current chunk (+2 for its CRLF once read)
+        self.transport = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        now = time.perf_counter()
+        self.buf += data
+        try:
+            if self.status is None and not self._head():
+                return
+            self._body(now)
+        except ValueError as exc:
+            self._finish(exc)
+
+    def eof_received(self):
+        if self.remaining is None and self.status is not None and not self.chunked:
+            self._finish(None)       # a body delimited by the close
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self._finish(exc or ConnectionError("connection closed before the response ended"))
+
+    def _finish(self, exc) -> None:
+        if not self.done.done():
+            if exc is None:
+                self.done.set_result(None)
+            else:
+                self.done.set_exception(exc)
+        if self.transport is not None:
+            self.transport.close()
+
+    def _head(self) -> bool:
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        lines = bytes(self.buf[:end]).decode("latin-1").split("\r\n")
+        del self.buf[:end + 4]
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/"):
+            raise ValueError(f"not an HTTP response: {lines[0][:100]!r}")
+        self.status = int(parts[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        self.chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        if not self.chunked and "content-length" in headers:
+            self.remaining = int(headers["content-length"])
+        return True
+
+    def _body(self, now: float) -> None:
+        buf = self.buf
+        if not self.chunked:
+            take = len(buf) if self.remaining is None else min(len(buf), self.remaining)
+            self._content(bytes(buf[:take]), now)
+            del buf[:take]
+            if self.remaining is not None:
+                self.remaining -= take
+                if self.remaining == 0:
+                    self._finish(None)
+            return
+        pos = 0
+        while True:
+            if self.chunk_left == 0:          # at a size line
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
                     break
-                chunk = _loads(data)
-                if "error" in chunk:
-                    result.error = f"stream error: {str(chunk['error'])[:300]}"
-                    return result
-                if chunk.get("usage"):
-                    result.usage_reported = True
-                    result.output_tokens = chunk["usage"].get("completion_tokens", 0)
-                    result.prompt_tokens = chunk["usage"].get("prompt_tokens", result.prompt_tokens)
-                if any(_is_token_chunk(c) for c in chunk.get("choices") or ()):
-                    now = time.perf_counter()
-                    if result.ttft == 0.0:
-                        result.ttft = now - start
-                    else:
-                        result.itl.append(now - last)
-                    last = now
-    except (httpx.HTTPError, ValueError) as exc:
-        result.error = f"{type(exc).__name__}: {exc}"[:300]
+                size = int(bytes(buf[pos:eol]).split(b";", 1)[0], 16)
+                pos = eol + 2
+                if size == 0:                  # the last chunk (trailers are not used here)
+                    del buf[:]
+                    self._finish(None)
+                    return
+                self.chunk_left = size + 2
+            if pos >= len(buf):
+                break
+            take = min(len(buf) - pos, self.chunk_left)
+            data_end = pos + min(take, max(0, self.chunk_left - 2))  # leave the chunk's CRLF out
+            if data_end > pos:
+                self._content(bytes(buf[pos:data_end]), now)
+            self.chunk_left -= take
+            pos += take
+        del buf[:pos]
+
+    def _content(self, data: bytes, now: float) -> None:
+        if self.status != 200:
+            self.body += data
+            return
+        line = self.line
+        start = 0
+        while True:
+            nl = data.find(b"\n", start)
+            if nl < 0:
+                line += data[start:]
+                return
+            if line:
+                line += data[start:nl]
+                text, line[:] = bytes(line), b""
+            else:
+                text = data[start:nl]
+            start = nl + 1
+            if text.startswith(b"data:"):
+                self.on_data(text[5:].strip(), now)
+
+
+class Target:
+    """Where requests go: scheme, host, port, path prefix and headers, parsed once from --base-url."""
+
+    def __init__(self, base_url: str, api_key: str | None, request_timeout: float):
+        u = urlsplit(base_url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise SystemExit(f"--base-url must be http(s)://host[:port][/prefix], got {base_url!r}")
+        self.host, self.prefix = u.hostname, u.path.rstrip("/")
+        self.port = u.port or (443 if u.scheme == "https" else 80)
+        self.ssl = ssl.create_default_context() if u.scheme == "https" else None
+        host = self.host if u.port is None else f"{self.host}:{u.port}"
+        auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
+        self.head = (f"Host: {host}\r\nContent-Type: application/json\r\nAccept: text/event-stream\r\n"
+                     f"{auth}Connection: close\r\n")
+        self.timeout = request_timeout
+
+    def request(self, path: str, body: bytes) -> bytes:
+        return (f"POST {self.prefix}{path} HTTP/1.1\r\n{self.head}Content-Length: {len(body)}\r\n\r\n".encode()
+                + body)
+
+
+async def send(target: Target, path: str, payload: dict, prompt: Prompt) -> Result:
+    result = Result(prompt_tokens=prompt.input_len)
+    start = time.perf_counter()
+    state = {"last": start, "done": False}
+
+    def on_data(data: bytes, now: float) -> None:
+        if state["done"] or result.error:
+            return
+        if data == b"[DONE]":
+            state["done"] = True
+            return
+        chunk = _loads(data)
+        if "error" in chunk:
+            result.error = f"stream error: {str(chunk['error'])[:300]}"
+            return
+        if chunk.get("usage"):
+            result.usage_reported = True
+            result.output_tokens = chunk["usage"].get("completion_tokens", 0)
+            result.prompt_tokens = chunk["usage"].get("prompt_tokens", result.prompt_tokens)
+        if any(_is_token_chunk(c) for c in chunk.get("choices") or ()):
+            if result.ttft == 0.0:
+                result.ttft = now - start
+            else:
+                result.itl.append(now - state["last"])
+            state["last"] = now
+
+    loop = asyncio.get_running_loop()
+    transport = None
+    try:
+        async with asyncio.timeout(target.timeout):
+            transport, stream = await loop.create_connection(
+                lambda: _Stream(on_data), target.host, target.port, ssl=target.ssl,
+                server_hostname=target.host if target.ssl else None)
+            transport.write(target.request(path, _dumps(payload)))
+            await stream.done
+    except (OSError, ValueError, TimeoutError) as exc:
+        if not result.error:
+            result.error = f"{type(exc).__name__}: {exc}"[:300]
+        return result
+    finally:
+        if transport is not None:
+            transport.close()
+    if stream.status != 200:
+        result.error = f"HTTP {stream.status}: {bytes(stream.body).decode(errors='replace')[:300]}"
+        return result
+    if result.error:
         return result
     result.latency = time.perf_counter() - start
-    if not done:
+    if not state["done"]:
         result.error = "stream ended without [DONE]"
         return result
     if result.ttft == 0.0:  # no visible text at all (e.g. only special tokens): first token ~ the end
@@ -263,38 +421,34 @@ class Progress:
 
 async def run_level(args, prompts: list[Prompt], model: str, concurrency: int | None) -> dict:
     endpoint = "/v1/completions" if args.dataset == "random" else "/v1/chat/completions"
-    url = args.base_url.rstrip("/") + endpoint
+    target = Target(args.base_url, args.api_key, args.request_timeout)
     common = {"model": model, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
               "temperature": args.temperature}
     limit = concurrency or len(prompts)
-    timeout = httpx.Timeout(args.request_timeout, connect=30.0)
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    async with httpx.AsyncClient(timeout=timeout, headers=headers,
-                                 limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit)) as client:
-        for prompt in prompts[:args.warmup]:  # not measured: first-call costs (allocations, lazy imports)
-            warm = await send(client, url, {**common, **prompt.body, "max_tokens": 8}, prompt)
-            if not warm.ok:
-                raise SystemExit(f"warm-up request failed: {warm.error}")
+    for prompt in prompts[:args.warmup]:  # not measured: first-call costs (allocations, lazy imports)
+        warm = await send(target, endpoint, {**common, **prompt.body, "max_tokens": 8}, prompt)
+        if not warm.ok:
+            raise SystemExit(f"warm-up request failed: {warm.error}")
 
-        semaphore = asyncio.Semaphore(limit)
-        progress = Progress(len(prompts), f"concurrency {concurrency or 'inf'}")
+    semaphore = asyncio.Semaphore(limit)
+    progress = Progress(len(prompts), f"concurrency {concurrency or 'inf'}")
 
-        async def one(prompt: Prompt) -> Result:
-            async with semaphore:
-                result = await send(client, url, {**common, **prompt.body, "max_tokens": prompt.output_len}, prompt)
-            progress.update()
-            return result
+    async def one(prompt: Prompt) -> Result:
+        async with semaphore:
+            result = await send(target, endpoint, {**common, **prompt.body, "max_tokens": prompt.output_len}, prompt)
+        progress.update()
+        return result
 
-        gaps = arrival_gaps(random.Random(args.seed + 1), len(prompts), args.request_rate, args.burstiness)
-        start = time.perf_counter()
-        tasks = []
-        for prompt, gap in zip(prompts, gaps):
-            if gap:
-                await asyncio.sleep(gap)
-            tasks.append(asyncio.create_task(one(prompt)))
-        results = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
-        progress.close()
+    gaps = arrival_gaps(random.Random(args.seed + 1), len(prompts), args.request_rate, args.burstiness)
+    start = time.perf_counter()
+    tasks = []
+    for prompt, gap in zip(prompts, gaps):
+        if gap:
+            await asyncio.sleep(gap)
+        tasks.append(asyncio.create_task(one(prompt)))
+    results = await asyncio.gather(*tasks)
+    duration = time.perf_counter() - start
+    progress.close()
     return summarise(args, results, duration, concurrency)
 
 
@@ -496,6 +650,15 @@ async def resolve_model(args) -> str:
     return models[0]
 
 
+def _loop_factory():
+    """uvloop when installed: less CPU per streamed token, which the server under test would otherwise lose."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.plot:
@@ -513,7 +676,8 @@ def main(argv=None) -> int:
     runs = []
     for level in levels:
         load_before = os.getloadavg()[0]
-        run = asyncio.run(run_level(args, prompts, model, level))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            run = runner.run(run_level(args, prompts, model, level))
         # The machine's 1-minute load average around the run: other work on it skews every number.
         run["loadavg_1m"] = {"before": load_before, "after": os.getloadavg()[0]}
         print_table(run, args.goodput)

@@ -1,0 +1,131 @@
+"""The load generator's HTTP client (benchmarks/serve.py): its response parser fed byte by byte, and whole runs
+against a live exaserve on the tiny checkpoint."""
+import asyncio
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+# benchmarks/ is not a package, and putting it on sys.path would shadow the kernels package
+_spec = importlib.util.spec_from_file_location("bench_serve", Path(__file__).resolve().parents[1] / "benchmarks" / "serve.py")
+serve = sys.modules["bench_serve"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(serve)
+
+pytest_plugins = ["tests.server_fixture"]
+
+EVENTS = [{"choices": [{"index": 0, "text": t}]} for t in ("Hel", "lo", "", " wor\u00e9ld")] + [
+    {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}]
+
+
+def sse_body(events) -> bytes:
+    return b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+
+
+def chunked(body: bytes, sizes) -> bytes:
+    out, pos, i = b"", 0, 0
+    while pos < len(body):
+        piece = body[pos:pos + sizes[i % len(sizes)]]
+        out += b"%x\r\n" % len(piece) + piece + b"\r\n"
+        pos, i = pos + len(piece), i + 1
+    return out + b"0\r\n\r\n"
+
+
+class FakeTransport:
+    def __init__(self):
+        self.closed = False
+
+    def close(self):
+        self.closed = True
+
+
+def feed(response: bytes, piece: int, close_at_end: bool = False):
+    """Parse `response` delivered in pieces of `piece` bytes; returns (data payloads, stream, transport)."""
+    async def run():
+        got = []
+        stream = serve._Stream(lambda data, t: got.append(data))
+        transport = FakeTransport()
+        stream.connection_made(transport)
+        for i in range(0, len(response), piece):
+            stream.data_received(response[i:i + piece])
+        if close_at_end:
+            stream.eof_received()
+            stream.connection_lost(None)
+        assert stream.done.done(), "the response end was not recognised"
+        stream.done.result()
+        return got, stream, transport
+    return asyncio.run(run())
+
+
+HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+
+
+@pytest.mark.parametrize("piece", [1, 2, 3, 7, 64, 10_000])
+@pytest.mark.parametrize("sizes", [[5], [1, 13, 2], [10_000]])
+def test_chunked_sse_in_any_split(piece, sizes):
+    body = sse_body(EVENTS)
+    got, stream, transport = feed(HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(body, sizes), piece)
+    assert [orjson.loads(g) for g in got[:-1]] == EVENTS and got[-1] == b"[DONE]"
+    assert stream.status == 200 and transport.closed
+
+
+@pytest.mark.parametrize("piece", [1, 9, 10_000])
+def test_content_length_and_read_to_close_bodies(piece):
+    body = sse_body(EVENTS[:2]).replace(b"\n", b"\r\n")  # CRLF line ends are SSE too
+    got, _, _ = feed(HEAD + b"Content-Length: %d\r\n\r\n" % len(body) + body, piece)
+    assert [orjson.loads(g) for g in got[:-1]] == EVENTS[:2]
+    got, _, _ = feed(HEAD + b"\r\n" + body, piece, close_at_end=True)
+    assert got[-1] == b"[DONE]" and len(got) == 3
+
+
+def test_error_status_keeps_the_body():
+    body = b'{"error": {"message": "bad", "type": "invalid_request_error"}}'
+    _, stream, _ = feed(b"HTTP/1.1 400 Bad Request\r\ncontent-length: %d\r\n\r\n" % len(body) + body, 5)
+    assert stream.status == 400 and bytes(stream.body) == body
+
+
+def test_garbage_and_truncation_are_errors():
+    async def run(response: bytes):
+        stream = serve._Stream(lambda data, t: None)
+        stream.connection_made(FakeTransport())
+        stream.data_received(response)
+        stream.connection_lost(None)
+        with pytest.raises((ValueError, ConnectionError)):
+            stream.done.result()
+    asyncio.run(run(b"SSH-2.0-OpenSSH\r\n\r\n"))
+    asyncio.run(run(HEAD + b"Transfer-Encoding: chunked\r\n\r\n5\r\ndata:"))  # closed mid-stream
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, live_server):
+    with live_server(tiny_model, "--dtype", "float32", "--served-model-name", "tiny", "--api-key", "k1") as live:
+        yield live
+
+
+@pytest.mark.parametrize("dataset", ["random", "chat"])
+def test_runs_against_a_live_server(server, tiny_model, tmp_path, dataset):
+    out = tmp_path / "r.json"
+    code = serve.main(["--base-url", server.url + "/", "--api-key", "k1", "--tokenizer", str(tiny_model),
+                       "--dataset", dataset, "--input-len", "12", "--output-len", "6:9", "--num-prompts", "5",
+                       "--sweep-concurrency", "1,3", "--result-file", str(out), "--plot-file",
+                       str(tmp_path / "p.png")])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    for run in doc["runs"]:
+        assert run["completed"] == 5 and run["failed"] == 0
+        assert 5 * 6 <= run["output_tokens"] <= 5 * 9 and run["output_tokens_from_usage"] == 5
+        assert run["ttft_ms"]["median"] > 0 and run["e2el_ms"]["median"] >= run["ttft_ms"]["median"]
+    assert "api_key" not in doc["meta"]
+
+
+def test_failures_are_counted_not_raised(server, tiny_model, tmp_path):
+    args = ["--base-url", server.url, "--tokenizer", str(tiny_model), "--num-prompts", "2", "--input-len", "8",
+            "--output-len", "4", "--result-file", str(tmp_path / "r.json")]
+    with pytest.raises(SystemExit, match="401"):  # refused at GET /v1/models, before any load
+        serve.main([*args, "--api-key", "wrong"])
+    # a prompt longer than the model allows: every request fails with a 400, and the run says so
+    code = serve.main([*args, "--api-key", "k1", "--warmup", "0", "--input-len", "100000"])
+    run = json.loads((tmp_path / "r.json").read_text())["runs"][0]
+    assert code == 1 and run["completed"] == 0 and run["failed"] == 2
