@@ -144,11 +144,12 @@ class EngineCore:
         return self.scheduler.has_unfinished()
 
     # -- the step -------------------------------------------------------------------------------------------
-    def step(self) -> list[DeltaOutput]:
+    def step(self, before_forward=None) -> list[DeltaOutput]:
+        """One scheduler step. `before_forward` (optional) is called once, just before the model runs."""
         batch = self.scheduler.schedule()
         if not batch.requests:
             return []
-        result = self.runner.execute(batch)
+        result = self.runner.execute(batch, before_forward)
         self.counters["steps"] += 1
         deltas = []
         for s, (req, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):

@@ -198,12 +198,15 @@ class ExaoneMoeModel(nn.Module):
         self.rope = (freqs.cos(), freqs.sin())
 
     @torch.inference_mode()
-    def forward(self, input_ids, positions, meta: AttnMetadata, kv) -> torch.Tensor:
-        """Returns the final-normed hidden states [T, H] (the lm_head input; MTP drafts from them too)."""
+    def forward(self, input_ids, positions, meta: AttnMetadata, kv, before_compute=None) -> torch.Tensor:
+        """Returns the final-normed hidden states [T, H] (the lm_head input; MTP drafts from them too).
+        `before_compute` (optional) is called just before the decoder layers run (see AsyncEngine)."""
         x = self.embed[input_ids].to(self.act_dtype)
         if self._cpu_layers is not None and kernels.backend(x) == "cpu":   # all layers in one C++ call
-            x = kernels.cpu_ops.forward_layers(self._cpu_layers, x, positions, meta, kv, self.rope)
+            x = kernels.cpu_ops.forward_layers(self._cpu_layers, x, positions, meta, kv, self.rope, before_compute)
             return kernels.rms_norm(x, self.norm, self.eps)
+        if before_compute is not None:
+            before_compute()
         for layer, idx in zip(self.layers, self.pool_index):
             pool = kv.ring if layer.sliding else kv.paged
             x = layer(x, positions, meta, pool.k[idx], pool.v[idx], self.rope)

@@ -79,9 +79,9 @@ class ModelRunner:
         meta = self._metadata(batch.requests, starts, batch.num_new_tokens, tables, self._t(slots))
         return self._t(ids), self._t(pos), meta
 
-    def execute(self, batch: ScheduledBatch) -> StepResult:
+    def execute(self, batch: ScheduledBatch, before_forward=None) -> StepResult:
         input_ids, positions, meta = self.prepare(batch)
-        hidden = self.model(input_ids, positions, meta, self.kv)
+        hidden = self.model(input_ids, positions, meta, self.kv, before_forward)
         self._hidden = hidden
         plain, spec, rows_plain, rows_spec = [], [], [], []
         qsl = meta.query_start_loc.tolist()

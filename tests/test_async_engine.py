@@ -50,3 +50,35 @@ def test_concurrent_streams_match_offline_and_abort_frees(tiny):
         assert s["aborted"] == 1 and s["blocks_used"] == 0 and s["ring_slots_used"] == 0
     finally:
         engine.shutdown()
+
+
+def test_outputs_are_handed_over_as_the_next_step_computes(tiny):
+    """A step's outputs reach the event loop when the next step enters the model, or as the engine goes idle:
+    never later, and never after a later step's outputs."""
+    engine = AsyncEngine(tiny, dtype="float32", max_num_seqs=4)
+    events = []
+    step, model = engine.core.step, engine.core.model.forward
+    engine.core.step = lambda before_forward=None: events.append("step") or step(before_forward)
+    engine.core.model.forward = lambda *a, **k: events.append("forward") or model(*a, **k)
+
+    async def one(rid, n):
+        seen = []
+        async for d in engine.add_request(rid, [5, 6, 7], SamplingParams(max_tokens=n, ignore_eos=True)):
+            events.append(f"out {rid} {d.num_output_tokens}")
+            seen.append(d.num_output_tokens)
+        return seen
+
+    async def main():
+        return await asyncio.gather(one("a", 5), one("b", 1))
+
+    try:
+        a, b = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert a == [1, 2, 3, 4, 5] and b == [1]      # in order, none lost, the last one too (engine idle after)
+    # token j of "a" (made by forward j) is handed over inside forward j + 1; the 5th, after which the engine
+    # is idle, as the engine goes idle
+    forwards = [i for i, e in enumerate(events) if e == "forward"]
+    outs = [i for i, e in enumerate(events) if e.startswith("out a")]
+    assert len(forwards) == 5 and len(outs) == 5
+    assert all(forwards[j + 1] < outs[j] for j in range(4)) and forwards[4] < outs[4]
