@@ -171,6 +171,7 @@ class ExaoneMoeModel(nn.Module):
         for layer in self.layers:
             pack_layer(layer)
         self._cpu_layers = [self._cpu_layer(layer, idx) for layer, idx in zip(self.layers, self.pool_index)]
+        self._cpu_probe = torch.empty(0, dtype=self.act_dtype)  # what kernels.backend() decides for activations
         if self.lm_head is self.embed:
             self.lm_head = nn.Parameter(self.embed.detach().clone(), requires_grad=False)
         cpu_ops.pack_parameter(self.lm_head)
@@ -211,6 +212,15 @@ class ExaoneMoeModel(nn.Module):
             pool = kv.ring if layer.sliding else kv.paged
             x = layer(x, positions, meta, pool.k[idx], pool.v[idx], self.rope)
         return kernels.rms_norm(x, self.norm, self.eps)
+
+    def greedy_tokens(self, input_ids, positions, meta: AttnMetadata, kv, rows: torch.Tensor,
+                      before_compute=None) -> torch.Tensor | None:
+        """The argmax of the raw logits at hidden rows `rows` (int64), the step computed in one C++ call, or
+        None where the C++ path does not run this model (then: forward + compute_logits)."""
+        if self._cpu_layers is None or kernels.backend(self._cpu_probe) != "cpu":
+            return None
+        return kernels.cpu_ops.greedy_step(self._cpu_layers, self.embed, input_ids, positions, meta, kv, self.rope,
+                                           self.norm, self.eps, self.lm_head, rows, before_compute)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import kernels
 from engine.kv_cache import KVCache
 from engine.model import AttnMetadata, ExaoneMoeModel
 from engine.request import Request
-from engine.sampler import Sampler, SamplingRow
+from engine.sampler import Sampler, SamplingRow, plain_greedy
 from engine.scheduler import ScheduledBatch
 from engine.spec_decode import SpecStats, verify
 
@@ -87,23 +87,32 @@ class ModelRunner:
 
     def execute(self, batch: ScheduledBatch, before_forward=None) -> StepResult:
         input_ids, positions, meta = self.prepare(batch)
-        hidden = self.model.forward(input_ids, positions, meta, self.kv, before_forward)  # no nn.Module hooks
-        self._hidden = hidden
         plain, spec, rows_plain, rows_spec = [], [], [], []
-        qsl = meta.query_start_loc.tolist()
+        end = 0
         for s, (r, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+            end += n                                          # the sequence's rows end here
             if r.num_computed_tokens + n - len(r.spec_token_ids) < r.num_tokens:
                 continue                                      # mid-prompt chunk: nothing to sample
             if r.spec_token_ids:
                 spec.append(s)
-                rows_spec += range(qsl[s + 1] - 1 - len(r.spec_token_ids), qsl[s + 1])
+                rows_spec += range(end - 1 - len(r.spec_token_ids), end)
             else:
                 plain.append(s)
-                rows_plain.append(qsl[s + 1] - 1)
+                rows_plain.append(end - 1)
         m = len(batch)
         result = StepResult([[] for _ in range(m)], [[] for _ in range(m)], [0] * m)
+        sample_rows = [_row(batch.requests[s]) for s in plain]
+        if plain and not spec and not self.num_spec_tokens and all(map(plain_greedy, sample_rows)):
+            # every sampled row takes the argmax of its raw logits: on the C++ path, one call for the step
+            tokens = self.model.greedy_tokens(input_ids, positions, meta, self.kv, self._t(rows_plain), before_forward)
+            if tokens is not None:
+                for s, tok in zip(plain, tokens.tolist()):
+                    result.tokens[s], result.logprobs[s] = [tok], [None]
+                return result
+        hidden = self.model.forward(input_ids, positions, meta, self.kv, before_forward)  # no nn.Module hooks
+        self._hidden = hidden
         if plain:
-            out = self.sampler(self.model.compute_logits(hidden[rows_plain]), [_row(batch.requests[s]) for s in plain])
+            out = self.sampler(self.model.compute_logits(hidden[rows_plain]), sample_rows)
             for s, tok, lp in zip(plain, out.token_ids, out.logprobs):
                 result.tokens[s], result.logprobs[s] = [tok], [lp]
         if spec:

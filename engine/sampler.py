@@ -114,6 +114,11 @@ class Sampler:
         return noise.log_().neg_().clamp_min_(torch.finfo(noise.dtype).tiny)
 
 
+def plain_greedy(row: SamplingRow) -> bool:
+    """Whether this row's token is simply the argmax of its raw logits, with no logprobs to report."""
+    return row.params.logprobs is None and not _processed(row)
+
+
 def _processed(row: SamplingRow) -> bool:
     """Whether any processor may change this row's logits."""
     p = row.params

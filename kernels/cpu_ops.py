@@ -108,15 +108,29 @@ def make_layer(attn_norm, post_norm, attn, mlp_weights: dict, *, window: int, po
     return L
 
 
-def forward_layers(layers, x, positions, meta, kv, rope, before=None):
-    """Run C++ decoder layers in sequence over the residual stream x [T, H]; meta is the step's AttnMetadata.
-    `before` (optional) is called last thing before the C++ call, which releases the GIL for its duration."""
+def _step_inputs(positions, meta, kv, rope):
     s = _ext().StepInputs()
     s.positions, s.cos, s.sin = positions, *rope
     s.query_start_loc, s.context_lens, s.seq_lens = meta.query_start_loc, meta.context_lens, meta.seq_lens
     s.block_tables, s.slot_mapping = meta.block_tables, meta.slot_mapping
     s.ring_slots, s.ring_mapping = meta.ring_slots, meta.ring_mapping
     s.ring_k, s.ring_v, s.paged_k, s.paged_v = kv.ring.k, kv.ring.v, kv.paged.k, kv.paged.v
+    return s
+
+
+def forward_layers(layers, x, positions, meta, kv, rope, before=None):
+    """Run C++ decoder layers in sequence over the residual stream x [T, H]; meta is the step's AttnMetadata.
+    `before` (optional) is called last thing before the C++ call, which releases the GIL for its duration."""
+    s = _step_inputs(positions, meta, kv, rope)
     if before is not None:
         before()
     return _ext().forward_layers(layers, x, s)
+
+
+def greedy_step(layers, embed, input_ids, positions, meta, kv, rope, norm, eps, lm_head, rows, before=None):
+    """A whole step in one C++ call: embedding, the layers, final norm and lm_head of `rows` (int64 tensor),
+    argmax. Returns the argmax token of each row (int64 [len(rows)])."""
+    s = _step_inputs(positions, meta, kv, rope)
+    if before is not None:
+        before()
+    return _ext().greedy_step(layers, embed, input_ids, s, norm, eps, _packed(lm_head), rows)
