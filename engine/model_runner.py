@@ -44,11 +44,12 @@ class ModelRunner:
     def _t(self, x, dtype=torch.int64):
         return torch.tensor(x, dtype=dtype, device=self.device)
 
-    def _step_tensors(self, reqs, starts, counts, ids, pos, slots=(), tables=None):
+    def _step_tensors(self, reqs, starts, counts, ids, pos, slots=(), tables=None, rows=()):
         """(input_ids, positions, AttnMetadata) for chunks [starts[s], starts[s] + counts[s]) of each request.
 
         All index lists go into two tensors (int64 and int32) that are then cut into views: one allocation and
-        copy per dtype instead of one per list (each costs ~5 us on CPU, which adds up at batch 1)."""
+        copy per dtype instead of one per list (each costs ~5 us on CPU, which adds up at batch 1). `rows`
+        (optional): hidden rows to sample, returned as a fourth value (int64)."""
         ring_len = self.kv.ring.ring_len
         qsl, seq_lens, ring_rows = [0], [], []
         for r, start, n in zip(reqs, starts, counts):
@@ -59,19 +60,19 @@ class ModelRunner:
             ring_rows += [base + p % ring_len if p >= keep_from else -1 for p in range(start, start + n)]
         width = max((len(t) for t in tables), default=0) if tables is not None else 0
         table = [b for t in tables for b in (*t, *[0] * (width - len(t)))] if width else []
-        wide = (ids, pos, slots, [r.ring_slot for r in reqs], ring_rows)
+        wide = (ids, pos, slots, [r.ring_slot for r in reqs], ring_rows, rows)
         narrow = (qsl, starts, seq_lens, table)
-        ids_t, pos_t, slots_t, ring_slots, ring_mapping = self._t(list(itertools.chain(*wide))).split(
-            [len(x) for x in wide])
-        qsl_t, ctx_t, seq_t, table_t = self._t(list(itertools.chain(*narrow)), torch.int32).split(
+        ids_t, pos_t, slots_t, ring_slots, ring_mapping, rows_t = self._t(
+            list(itertools.chain(*wide))).split_with_sizes([len(x) for x in wide])
+        qsl_t, ctx_t, seq_t, table_t = self._t(list(itertools.chain(*narrow)), torch.int32).split_with_sizes(
             [len(x) for x in narrow])
         meta = AttnMetadata(query_start_loc=qsl_t, context_lens=ctx_t, seq_lens=seq_t,
                             block_tables=table_t.view(len(reqs), width), slot_mapping=slots_t,
                             ring_slots=ring_slots, ring_mapping=ring_mapping)
-        return ids_t, pos_t, meta
+        return (ids_t, pos_t, meta, rows_t) if rows else (ids_t, pos_t, meta)
 
-    def prepare(self, batch: ScheduledBatch):
-        """Flat inputs of one step: (input_ids, positions, metadata)."""
+    def prepare(self, batch: ScheduledBatch, rows=()):
+        """Flat inputs of one step: (input_ids, positions, metadata), and `rows` as a tensor when given."""
         bs = self.kv.paged.block_size
         ids, pos, slots, starts = [], [], [], []
         for req, n in zip(batch.requests, batch.num_new_tokens):
@@ -83,10 +84,9 @@ class ModelRunner:
             slots += [blocks[p // bs] * bs + p % bs for p in positions] if blocks else [-1] * n
             starts.append(start)
         return self._step_tensors(batch.requests, starts, batch.num_new_tokens, ids, pos, slots,
-                                  [r.block_ids for r in batch.requests])
+                                  [r.block_ids for r in batch.requests], rows)
 
     def execute(self, batch: ScheduledBatch, before_forward=None) -> StepResult:
-        input_ids, positions, meta = self.prepare(batch)
         plain, spec, rows_plain, rows_spec = [], [], [], []
         end = 0
         for s, (r, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
@@ -104,11 +104,14 @@ class ModelRunner:
         sample_rows = [_row(batch.requests[s]) for s in plain]
         if plain and not spec and not self.num_spec_tokens and all(map(plain_greedy, sample_rows)):
             # every sampled row takes the argmax of its raw logits: on the C++ path, one call for the step
-            tokens = self.model.greedy_tokens(input_ids, positions, meta, self.kv, self._t(rows_plain), before_forward)
+            input_ids, positions, meta, rows = self.prepare(batch, rows_plain)
+            tokens = self.model.greedy_tokens(input_ids, positions, meta, self.kv, rows, before_forward)
             if tokens is not None:
                 for s, tok in zip(plain, tokens.tolist()):
                     result.tokens[s], result.logprobs[s] = [tok], [None]
                 return result
+        else:
+            input_ids, positions, meta = self.prepare(batch)
         hidden = self.model.forward(input_ids, positions, meta, self.kv, before_forward)  # no nn.Module hooks
         self._hidden = hidden
         if plain:
