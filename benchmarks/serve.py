@@ -368,21 +368,26 @@ async def send(target: Target, path: str, payload: dict, prompt: Prompt) -> Resu
             state["last"] = now
 
     loop = asyncio.get_running_loop()
-    transport = None
+    opened = []
+
+    async def exchange() -> None:
+        transport, stream = await loop.create_connection(
+            lambda: _Stream(on_data), target.host, target.port, ssl=target.ssl,
+            server_hostname=target.host if target.ssl else None)
+        opened.append((transport, stream))
+        transport.write(target.request(path, _dumps(payload)))
+        await stream.done
+
     try:
-        async with asyncio.timeout(target.timeout):
-            transport, stream = await loop.create_connection(
-                lambda: _Stream(on_data), target.host, target.port, ssl=target.ssl,
-                server_hostname=target.host if target.ssl else None)
-            transport.write(target.request(path, _dumps(payload)))
-            await stream.done
-    except (OSError, ValueError, TimeoutError) as exc:
+        await asyncio.wait_for(exchange(), target.timeout)
+    except (OSError, ValueError, asyncio.TimeoutError) as exc:
         if not result.error:
-            result.error = f"{type(exc).__name__}: {exc}"[:300]
+            result.error = f"{type(exc).__name__}: {exc or 'no response within --request-timeout'}"[:300]
         return result
     finally:
-        if transport is not None:
+        for transport, _ in opened:
             transport.close()
+    stream = opened[0][1]
     if stream.status != 200:
         result.error = f"HTTP {stream.status}: {bytes(stream.body).decode(errors='replace')[:300]}"
         return result
@@ -650,13 +655,14 @@ async def resolve_model(args) -> str:
     return models[0]
 
 
-def _loop_factory():
-    """uvloop when installed: less CPU per streamed token, which the server under test would otherwise lose."""
+def _run_loop(main):
+    """asyncio.run on uvloop when installed: less CPU per streamed token, which the server under test would
+    otherwise lose."""
     try:
         import uvloop
     except ImportError:
-        return None
-    return uvloop.new_event_loop
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 def main(argv=None) -> int:
@@ -676,8 +682,7 @@ def main(argv=None) -> int:
     runs = []
     for level in levels:
         load_before = os.getloadavg()[0]
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            run = runner.run(run_level(args, prompts, model, level))
+        run = _run_loop(run_level(args, prompts, model, level))
         # The machine's 1-minute load average around the run: other work on it skews every number.
         run["loadavg_1m"] = {"before": load_before, "after": os.getloadavg()[0]}
         print_table(run, args.goodput)

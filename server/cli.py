@@ -113,15 +113,16 @@ async def _log_stats(engine) -> None:
         last, last_time = stats, now
 
 
-def _loop_factory():
-    """uvloop's event loop when installed (a default dependency on Linux): less CPU per streamed token, which on
-    a small CPU host is taken from the model's threads."""
+def _run_loop(main) -> None:
+    """Run on uvloop's event loop when installed (a default dependency on Linux): less CPU per streamed token,
+    which on a small CPU host is taken from the model's threads."""
     try:
         import uvloop
     except ImportError:
         log.info("uvloop is not installed: serving on the default asyncio event loop")
-        return None
-    return uvloop.new_event_loop
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
 
 
 async def _run(server, engine) -> None:
@@ -171,8 +172,7 @@ def serve(argv: list[str]) -> int:
     log.info("Serving %r on http://%s:%d (OpenAI API under /v1)%s", name, args.host, args.port,
              "; API key required" if args.api_key else "")
     try:
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            runner.run(_run(server, engine))
+        _run_loop(_run(server, engine))
     finally:
         engine.shutdown()
     return 0

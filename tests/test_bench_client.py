@@ -129,3 +129,21 @@ def test_failures_are_counted_not_raised(server, tiny_model, tmp_path):
     code = serve.main([*args, "--api-key", "k1", "--warmup", "0", "--input-len", "100000"])
     run = json.loads((tmp_path / "r.json").read_text())["runs"][0]
     assert code == 1 and run["completed"] == 0 and run["failed"] == 2
+
+
+def test_a_silent_server_times_out_and_a_closed_port_fails():
+    async def run():
+        async def silent(reader, writer):
+            await reader.read(1 << 16)
+            await asyncio.sleep(5)
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        prompt = serve.Prompt(input_len=1, output_len=1, body={"prompt": [1]})
+        slow = await serve.send(serve.Target(f"http://127.0.0.1:{port}", None, 0.3), "/v1/completions", {}, prompt)
+        server.close()
+        await server.wait_closed()
+        closed = await serve.send(serve.Target(f"http://127.0.0.1:{port}", None, 5), "/v1/completions", {}, prompt)
+        return slow, closed
+    slow, closed = asyncio.run(run())
+    assert not slow.ok and "TimeoutError" in slow.error
+    assert not closed.ok and ("Connection" in closed.error or "OSError" in closed.error)
