@@ -118,6 +118,11 @@ def test_runs_against_a_live_server(server, tiny_model, tmp_path, dataset):
         assert 5 * 6 <= run["output_tokens"] <= 5 * 9 and run["output_tokens_from_usage"] == 5
         assert run["ttft_ms"]["median"] > 0 and run["e2el_ms"]["median"] >= run["ttft_ms"]["median"]
     assert "api_key" not in doc["meta"]
+    try:
+        import matplotlib  # noqa: F401  (optional: without it the run still succeeds, with no plot)
+        assert (tmp_path / "p.png").stat().st_size > 0
+    except ImportError:
+        assert not (tmp_path / "p.png").exists()
 
 
 def test_failures_are_counted_not_raised(server, tiny_model, tmp_path):
