@@ -172,7 +172,10 @@ class AsyncEngine:
             if stream is not None:
                 per_loop[stream[0]].append((stream[1], d))
         for loop, items in per_loop.items():
-            loop.call_soon_threadsafe(_put_all, items)
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that event loop has closed (its process is shutting down): nobody to tell
+                pass
 
 
 def _put_all(items) -> None:
