@@ -213,14 +213,14 @@ class ExaoneMoeModel(nn.Module):
             x = layer(x, positions, meta, pool.k[idx], pool.v[idx], self.rope)
         return kernels.rms_norm(x, self.norm, self.eps)
 
-    def greedy_tokens(self, input_ids, positions, meta: AttnMetadata, kv, rows: torch.Tensor,
-                      before_compute=None) -> torch.Tensor | None:
-        """The argmax of the raw logits at hidden rows `rows` (int64), the step computed in one C++ call, or
-        None where the C++ path does not run this model (then: forward + compute_logits)."""
+    def rows_step(self, input_ids, positions, meta: AttnMetadata, kv, rows: torch.Tensor, argmax: bool,
+                  before_compute=None) -> torch.Tensor | None:
+        """The raw logits at hidden rows `rows` (int64), or with `argmax` their argmax tokens, the step computed
+        in one C++ call; None where the C++ path does not run this model (then: forward + compute_logits)."""
         if self._cpu_layers is None or kernels.backend(self._cpu_probe) != "cpu":
             return None
-        return kernels.cpu_ops.greedy_step(self._cpu_layers, self.embed, input_ids, positions, meta, kv, self.rope,
-                                           self.norm, self.eps, self.lm_head, rows, before_compute)
+        return kernels.cpu_ops.rows_step(self._cpu_layers, self.embed, input_ids, positions, meta, kv, self.rope,
+                                         self.norm, self.eps, self.lm_head, rows, argmax, before_compute)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -102,22 +102,25 @@ class ModelRunner:
         m = len(batch)
         result = StepResult([[] for _ in range(m)], [[] for _ in range(m)], [0] * m)
         sample_rows = [_row(batch.requests[s]) for s in plain]
-        if plain and not spec and not self.num_spec_tokens and all(map(plain_greedy, sample_rows)):
-            # every sampled row takes the argmax of its raw logits: on the C++ path, one call for the step
+        if plain and not spec and not self.num_spec_tokens:
+            # nothing needs the hidden states: on the C++ path the step is one call, up to the sampled rows'
+            # logits, or up to their tokens when every one of them takes the plain argmax
+            greedy = all(map(plain_greedy, sample_rows))
             input_ids, positions, meta, rows = self.prepare(batch, rows_plain)
-            tokens = self.model.greedy_tokens(input_ids, positions, meta, self.kv, rows, before_forward)
-            if tokens is not None:
-                for s, tok in zip(plain, tokens.tolist()):
-                    result.tokens[s], result.logprobs[s] = [tok], [None]
+            out = self.model.rows_step(input_ids, positions, meta, self.kv, rows, greedy, before_forward)
+            if out is not None:
+                if greedy:
+                    for s, tok in zip(plain, out.tolist()):
+                        result.tokens[s], result.logprobs[s] = [tok], [None]
+                else:
+                    self._sampled(result, plain, self.sampler(out, sample_rows))
                 return result
         else:
             input_ids, positions, meta = self.prepare(batch)
         hidden = self.model.forward(input_ids, positions, meta, self.kv, before_forward)  # no nn.Module hooks
         self._hidden = hidden
         if plain:
-            out = self.sampler(self.model.compute_logits(hidden[rows_plain]), sample_rows)
-            for s, tok, lp in zip(plain, out.token_ids, out.logprobs):
-                result.tokens[s], result.logprobs[s] = [tok], [lp]
+            self._sampled(result, plain, self.sampler(self.model.compute_logits(hidden[rows_plain]), sample_rows))
         if spec:
             reqs = [batch.requests[s] for s in spec]
             drafts = [r.spec_token_ids for r in reqs]
@@ -130,6 +133,11 @@ class ModelRunner:
         for r in batch.requests:
             r.spec_token_ids = []
         return result
+
+    @staticmethod
+    def _sampled(result: StepResult, plain: list[int], out) -> None:
+        for s, tok, lp in zip(plain, out.token_ids, out.logprobs):
+            result.tokens[s], result.logprobs[s] = [tok], [lp]
 
     # -- MTP drafting -------------------------------------------------------------------------------------------
     def propose(self, batch: ScheduledBatch, result: StepResult) -> None:

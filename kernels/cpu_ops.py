@@ -127,10 +127,10 @@ def forward_layers(layers, x, positions, meta, kv, rope, before=None):
     return _ext().forward_layers(layers, x, s)
 
 
-def greedy_step(layers, embed, input_ids, positions, meta, kv, rope, norm, eps, lm_head, rows, before=None):
+def rows_step(layers, embed, input_ids, positions, meta, kv, rope, norm, eps, lm_head, rows, argmax, before=None):
     """A whole step in one C++ call: embedding, the layers, final norm and lm_head of `rows` (int64 tensor),
-    argmax. Returns the argmax token of each row (int64 [len(rows)])."""
+    and with `argmax` the argmax. Returns the logits [len(rows), V] fp32, or with `argmax` the tokens (int64)."""
     s = _step_inputs(positions, meta, kv, rope)
     if before is not None:
         before()
-    return _ext().greedy_step(layers, embed, input_ids, s, norm, eps, _packed(lm_head), rows)
+    return _ext().rows_step(layers, embed, input_ids, s, norm, eps, _packed(lm_head), rows, argmax)

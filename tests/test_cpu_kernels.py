@@ -289,10 +289,11 @@ def test_fused_layers_match_per_op_path(tmp_path):
     assert max(abs(a - b) for xs, ys in zip(fused[1], per_op[1]) for a, b in zip(xs, ys)) < 1e-4
 
 
-def test_greedy_step_matches_forward_then_sampler(tmp_path, monkeypatch):
-    """Batches whose sampled rows are plain greedy run as one C++ call (embedding to argmax); the tokens equal
-    those of forward + compute_logits + sampler, with prompts chunked so steps mix prefill and decode rows, and
-    a batch with a sampled or a logprobs request falls back to the general path."""
+def test_one_call_steps_match_forward_then_sampler(tmp_path, monkeypatch):
+    """Steps whose batch needs no hidden states run as one C++ call (embedding to the sampled rows' logits, or
+    to their argmax when all are plain greedy); tokens and logprobs equal those of forward + compute_logits +
+    sampler, with prompts chunked so steps mix prefill and decode rows, for greedy, logprobs and seeded
+    sampled requests in one batch."""
     from engine import LLM, SamplingParams
     from tests.hf_reference import make_hf_checkpoint
     make_hf_checkpoint(tmp_path, num_attention_heads=8, num_key_value_heads=2, head_dim=16, sliding_window=6,
@@ -300,25 +301,28 @@ def test_greedy_step_matches_forward_then_sampler(tmp_path, monkeypatch):
     llm = LLM(str(tmp_path), dtype="bfloat16", max_num_seqs=4, max_num_batched_tokens=16, block_size=4)
     model = llm.engine.model
     calls = []
-    greedy_tokens = model.greedy_tokens
-    monkeypatch.setattr(model, "greedy_tokens", lambda *a: calls.append(1) or greedy_tokens(*a))
+    rows_step = model.rows_step
     prompts = [[(5 * i + 7 * j) % 90 + 3 for j in range(n)] for i, n in enumerate([3, 11, 20, 7])]
     greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-
-    def run(params):
-        return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-
-    fused = run(greedy)
-    assert len(calls) >= 12
-    monkeypatch.setattr(model, "greedy_tokens", lambda *a: None)   # what a non-C++ model answers
-    assert run(greedy) == fused
-    calls.clear()
-    monkeypatch.setattr(model, "greedy_tokens", lambda *a: calls.append(1) or greedy_tokens(*a))
     mixed = [greedy, SamplingParams(max_tokens=12, temperature=0.0, logprobs=2, ignore_eos=True), greedy,
              SamplingParams(max_tokens=12, temperature=0.8, seed=3, ignore_eos=True)]
-    outs = [o.outputs[0].token_ids for o in llm.generate(prompts, mixed)]
-    assert outs[0] == fused[0] and outs[1] == fused[1] and outs[2] == fused[2]
-    assert calls == [1] * len(calls) and len(calls) < 12  # only steps without the sampled/logprobs rows
+
+    def run(params, one_call: bool):
+        calls.clear()
+        monkeypatch.setattr(model, "rows_step", lambda *a: calls.append(a[5]) or rows_step(*a) if one_call else None)
+        outs = [o.outputs[0] for o in llm.generate(prompts, params)]
+        return [o.token_ids for o in outs], [o.logprobs for o in outs]
+
+    fused = run(greedy, True)
+    assert len(calls) >= 12 and all(calls)                  # every step: argmax in C++
+    assert run(greedy, False) == fused                      # None: what a model off the C++ path answers
+    assert not calls
+    tokens, logprobs = run(mixed, True)
+    assert calls and not all(calls)                         # steps with the sampled rows: logits from C++
+    ref_tokens, ref_logprobs = run(mixed, False)
+    assert tokens == ref_tokens and tokens[0] == fused[0][0] and tokens[2] == fused[0][2]
+    for got, want in zip(logprobs[1], ref_logprobs[1]):
+        assert got.keys() == want.keys() and max(abs(got[t] - want[t]) for t in got) < 1e-5
     with pytest.raises(RuntimeError, match="token id 1000 out of range"):
         cpu_ops._ext().embed_rows(model.embed, torch.tensor([3, 1000]))
 
