@@ -1063,6 +1063,20 @@ struct Stage {
 #define EXA_STAGE(i, ...) __VA_ARGS__
 #endif
 
+// The layer's attention over its pool, with this step's keys and values stored.
+torch::Tensor attention(const Layer& L, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                        const StepInputs& in) {
+  if (L.sliding) {  // attend first, then store (a long chunk would overwrite ring rows its own queries read)
+    auto kc = in.ring_k.select(0, L.pool_index), vc = in.ring_v.select(0, L.pool_index);
+    auto o = ring_attention(q, k, v, kc, vc, in.ring_slots, in.query_start_loc, in.context_lens, L.window, L.scale);
+    write_kv(k, v, kc, vc, in.ring_mapping);
+    return o;
+  }
+  auto kc = in.paged_k.select(0, L.pool_index), vc = in.paged_v.select(0, L.pool_index);
+  write_kv(k, v, kc, vc, in.slot_mapping);
+  return paged_attention(q, kc, vc, in.block_tables, in.seq_lens, in.query_start_loc, L.scale);
+}
+
 torch::Tensor layer_forward(const Layer& L, const torch::Tensor& x, const StepInputs& in) {
   const int64_t T = x.size(0), qd = L.nq * L.d, kd = L.nkv * L.d;
   auto xn = EXA_STAGE(0, rms_norm(x, L.input_norm, L.eps));
@@ -1071,24 +1085,7 @@ torch::Tensor layer_forward(const Layer& L, const torch::Tensor& x, const StepIn
   auto k = qkv.narrow(1, qd, kd).view({T, L.nkv, L.d});
   auto v = qkv.narrow(1, qd + kd, kd).view({T, L.nkv, L.d});
   auto qk = EXA_STAGE(2, qk_norm_rope(q, k, L.q_norm, L.k_norm, L.eps, in.positions, in.cos, in.sin, L.use_rope));
-  torch::Tensor o;
-#ifdef EXA_TIMERS
-  {
-    Stage s_{3};
-#endif
-  if (L.sliding) {  // attend first, then store (a long chunk would overwrite ring rows its own queries read)
-    auto kc = in.ring_k.select(0, L.pool_index), vc = in.ring_v.select(0, L.pool_index);
-    o = ring_attention(qk[0], qk[1], v, kc, vc, in.ring_slots, in.query_start_loc, in.context_lens, L.window,
-                       L.scale);
-    write_kv(qk[1], v, kc, vc, in.ring_mapping);
-  } else {
-    auto kc = in.paged_k.select(0, L.pool_index), vc = in.paged_v.select(0, L.pool_index);
-    write_kv(qk[1], v, kc, vc, in.slot_mapping);
-    o = paged_attention(qk[0], kc, vc, in.block_tables, in.seq_lens, in.query_start_loc, L.scale);
-  }
-#ifdef EXA_TIMERS
-  }
-#endif
+  auto o = EXA_STAGE(3, attention(L, qk[0], qk[1], v, in));
   auto hs = EXA_STAGE(4, add_rms_norm(linear_op(o.view({T, qd}), L.o), x, L.post_norm, L.eps));  // {normed, residual}
   torch::Tensor mlp;
   if (L.router.defined()) {
