@@ -6,6 +6,8 @@ gate/up rows fused into `gate_up`, experts stacked into `w13 [E, 2I, H]` and `w2
 """
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +15,8 @@ from torch import nn
 
 import kernels
 from engine.config import ModelConfig
+
+log = logging.getLogger("exaserve.model")
 
 
 @dataclass
@@ -146,6 +150,7 @@ class ExaoneMoeModel(nn.Module):
                            for i, t in enumerate(cfg.layer_types)]
         self.rope = None
         self._cpu_layers = None     # C++ decoder layers, once pack_for_cpu() has run
+        self._argmax_screen = ()    # the lm_head's int8 argmax screen (kernels/cpu_ops.argmax_screen), if any
 
     def pack_for_cpu(self) -> None:
         """Reorder every GEMM weight into the C++ CPU kernels' packed layout (kernels/cpu_ops.py), once after
@@ -174,6 +179,13 @@ class ExaoneMoeModel(nn.Module):
         self._cpu_probe = torch.empty(0, dtype=self.act_dtype)  # what kernels.backend() decides for activations
         if self.lm_head is self.embed:
             self.lm_head = nn.Parameter(self.embed.detach().clone(), requires_grad=False)
+        # Greedy rows take their argmax through an int8 screen of the lm_head: the same tokens, about half the
+        # lm_head's bytes per step. EXASERVE_ARGMAX_SCREEN=0 turns it off (A/B measurements).
+        if os.environ.get("EXASERVE_ARGMAX_SCREEN", "1") != "0":
+            try:
+                self._argmax_screen = cpu_ops.argmax_screen(self.lm_head.data)
+            except RuntimeError as e:  # weights it cannot bound (not finite, huge): every logit is computed
+                log.warning("no argmax screen: %s", str(e).splitlines()[0])
         cpu_ops.pack_parameter(self.lm_head)
         if self.mtp is not None:
             cpu_ops.pack_parameter(self.mtp.fc)
@@ -220,7 +232,8 @@ class ExaoneMoeModel(nn.Module):
         if self._cpu_layers is None or kernels.backend(self._cpu_probe) != "cpu":
             return None
         return kernels.cpu_ops.rows_step(self._cpu_layers, self.embed, input_ids, positions, meta, kv, self.rope,
-                                         self.norm, self.eps, self.lm_head, rows, argmax, before_compute)
+                                         self.norm, self.eps, self.lm_head, rows, argmax, before_compute,
+                                         self._argmax_screen)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -89,6 +89,18 @@ def argmax(x):
     return _ext().argmax_rows(x)
 
 
+def argmax_screen(lm_head: torch.Tensor):
+    """The int8 screen of an lm_head [V, H] (unpacked, bf16 or fp32) for `screened_argmax`: a tuple of the
+    packed int8 copy, the row scales and the row error bounds (see exa_cpu.cpp: Screened argmax)."""
+    return tuple(_ext().argmax_screen(lm_head.contiguous()))
+
+
+def screened_argmax(x, screen, lm_head):
+    """Row-wise argmax of x @ lm_head^T (x [M, H] fp32, lm_head packed) through its screen; the same tokens
+    as `argmax(linear(x_row, lm_head))` row by row, reading about half of the lm_head's bytes."""
+    return _ext().screened_argmax(x, *screen, _packed(lm_head))
+
+
 def make_layer(attn_norm, post_norm, attn, mlp_weights: dict, *, window: int, pool_index: int, route: dict | None):
     """A C++ decoder layer (kernels/cpu/exa_cpu.cpp: Layer) over the module's packed weights (shared storage).
 
@@ -127,10 +139,12 @@ def forward_layers(layers, x, positions, meta, kv, rope, before=None):
     return _ext().forward_layers(layers, x, s)
 
 
-def rows_step(layers, embed, input_ids, positions, meta, kv, rope, norm, eps, lm_head, rows, argmax, before=None):
+def rows_step(layers, embed, input_ids, positions, meta, kv, rope, norm, eps, lm_head, rows, argmax, before=None,
+              screen=()):
     """A whole step in one C++ call: embedding, the layers, final norm and lm_head of `rows` (int64 tensor),
-    and with `argmax` the argmax. Returns the logits [len(rows), V] fp32, or with `argmax` the tokens (int64)."""
+    and with `argmax` the argmax (through `screen`, the lm_head's argmax_screen, when given). Returns the
+    logits [len(rows), V] fp32, or with `argmax` the tokens (int64)."""
     s = _step_inputs(positions, meta, kv, rope)
     if before is not None:
         before()
-    return _ext().rows_step(layers, embed, input_ids, s, norm, eps, _packed(lm_head), rows, argmax)
+    return _ext().rows_step(layers, embed, input_ids, s, norm, eps, _packed(lm_head), rows, argmax, list(screen))

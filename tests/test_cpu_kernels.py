@@ -128,6 +128,76 @@ def test_argmax_ties_and_nan():
     assert torch.equal(cpu_ops.argmax(y), y.argmax(dim=-1))
 
 
+def plain_argmax(x, w):
+    """The plain batch-1 path, row by row: every logit, then the argmax."""
+    return torch.cat([cpu_ops.argmax(cpu_ops.linear(x[i:i + 1], w)) for i in range(x.shape[0])])
+
+
+@pytest.mark.parametrize("wdtype", WEIGHTS)
+@pytest.mark.parametrize("V,K", [(1000, 64), (77, 40), (5, 16), (300, 130)])
+def test_screened_argmax_equals_plain_argmax(V, K, wdtype):
+    """The int8 screen only decides which logits to skip: tokens equal the plain path's on every row, with
+    exact ties (duplicate rows: the first wins), near-ties below the int8 step, and inputs of any scale."""
+    w = rn(V, K, scale=0.05)
+    near = list(range(4, V, 37)) + [V - 1]                # near-ties the int8 copy cannot tell apart, in
+    if V > 10:                                             # many panels
+        w[near] = w[4] + 1e-4 * rn(len(near), K)
+        w[V // 2] = w[3]                                   # exact tie with an earlier row
+    w = w.to(wdtype)
+    screen = cpu_ops.argmax_screen(w)
+    wp = w.clone()
+    cpu_ops.pack_parameter(wp)
+    x = rn(40, K) * torch.logspace(-3, 3, 40)[:, None]
+    x[5] = 0.0                                             # all logits 0: the first row wins
+    x[6:12] = w[3].float() * torch.linspace(0.5, 50, 6)[:, None]    # the duplicated row wins (its first copy)
+    x[12:30] = w[4].float() + 1e-3 * rn(18, K)             # the near-tied rows compete
+    want = plain_argmax(x, wp)
+    for M in (1, 3, 17, 40):
+        assert torch.equal(cpu_ops.screened_argmax(x[:M], screen, wp), want[:M])
+    if V > 10:
+        assert want[6] == 3 and {int(t) for t in want[12:30]} <= set(near)
+
+
+def test_screened_argmax_bounds_hold_and_screen_out_most_rows():
+    """The screen's per-row bound holds for every logit (the proof in exa_cpu.cpp), and it is tight enough to
+    skip almost all of a random lm_head."""
+    V, K = 4096, 256
+    w = rn(V, K, scale=0.05).to(torch.bfloat16)
+    q, scale, bound = screen = cpu_ops.argmax_screen(w)
+    wf = w.double()
+    codes = torch.clamp(torch.round(wf / scale.double()[:, None]), -127, 127)
+    assert torch.equal(q, cpu_ops._ext().pack(codes.to(torch.int8), V))        # round-to-nearest int8 codes
+    assert float(codes.abs().amax(dim=1).min()) == 127                      # each row spans the int8 range
+    wp = w.clone()
+    cpu_ops.pack_parameter(wp)
+    x = rn(8, K)
+    logits = cpu_ops.linear(x, wp).double()
+    approx = scale.double() * (x.double() @ codes.T)
+    slack = x.double().norm(dim=1, keepdim=True) * bound.double()
+    assert bool(((logits - approx).abs() <= slack).all())
+    passed = (approx + slack >= (approx - slack).amax(dim=1, keepdim=True)).sum(dim=1)
+    assert int(passed.max()) < V // 100                                     # a handful of rows, not thousands
+    assert torch.equal(cpu_ops.screened_argmax(x, screen, wp), plain_argmax(x, wp))
+
+
+def test_screened_argmax_unscreenable_inputs_and_weights():
+    w = rn(100, 32).to(torch.bfloat16)
+    screen = cpu_ops.argmax_screen(w)
+    wp = w.clone()
+    cpu_ops.pack_parameter(wp)
+    x = rn(4, 32)
+    x[0, 3] = float("nan")                                 # every logit NaN: index 0, as torch.argmax
+    x[1, 5] = float("inf")
+    x[2] *= 1e30                                           # beyond the screen's range: every logit computed
+    assert torch.equal(cpu_ops.screened_argmax(x, screen, wp), plain_argmax(x, wp))
+    with pytest.raises(RuntimeError, match="do not match"):
+        cpu_ops.screened_argmax(rn(2, 31), screen, wp)
+    bad = w.clone()
+    bad[7, 1] = float("inf")
+    with pytest.raises(RuntimeError, match="not finite"):
+        cpu_ops.argmax_screen(bad)
+
+
 # -- norms, q/k front, KV writes ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("wdtype", WEIGHTS)
@@ -315,8 +385,12 @@ def test_one_call_steps_match_forward_then_sampler(tmp_path, monkeypatch):
 
     fused = run(greedy, True)
     assert len(calls) >= 12 and all(calls)                  # every step: argmax in C++
+    assert len(model._argmax_screen) == 3                   # through the lm_head's int8 screen
     assert run(greedy, False) == fused                      # None: what a model off the C++ path answers
     assert not calls
+    monkeypatch.setattr(model, "_argmax_screen", ())        # every logit computed
+    assert run(greedy, True) == fused
+    monkeypatch.undo()
     tokens, logprobs = run(mixed, True)
     assert calls and not all(calls)                         # steps with the sampled rows: logits from C++
     ref_tokens, ref_logprobs = run(mixed, False)
