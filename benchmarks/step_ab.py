@@ -1,0 +1,99 @@
+"""Offline decode-step time of the engine, A/B between settings, interleaved (this host is shared and noisy).
+
+    python benchmarks/step_ab.py --batch 1 8 32 --rounds 3 --variant screen= --variant full=EXASERVE_ARGMAX_SCREEN=0
+
+Each (round, variant, batch) runs in a fresh process: `batch` greedy requests with 256-token random prompts
+on the bench checkpoint (`exaserve make-tiny --preset bench`), prefilled, then `--repeats` timed runs of
+`--steps` decode steps each; the process reports its median ms per step. Variants run alternately, so a
+change in the host's load hits both; the table gives each variant's median over rounds and the ratio to
+the first variant. A variant is NAME=ENV where ENV is space-separated VAR=VALUE settings (may be empty).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CKPT = Path(os.environ.get("BENCH_CACHE", Path.home() / ".cache" / "exaserve-bench")) / "bench"
+
+
+def child(args) -> None:
+    sys.path.insert(0, str(ROOT))
+    from engine.engine_core import EngineCore
+    from engine.sampling_params import SamplingParams
+    engine = EngineCore(str(args.model), max_num_seqs=max(args.batch), max_num_batched_tokens=2048)
+    rng = random.Random(0)
+    batch, vocab = args.batch[0], engine.model_config.vocab_size
+    total = (args.repeats * args.steps + 20) * 2
+    for i in range(batch):
+        engine.add_request(str(i), [rng.randrange(vocab) for _ in range(256)],
+                           SamplingParams(max_tokens=total, ignore_eos=True, temperature=0.0))
+    while any(not r.output_token_ids for r in engine.requests.values()):
+        engine.step()
+    for _ in range(10):
+        engine.step()
+    runs = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        runs.append((time.perf_counter() - t) / args.steps * 1e3)
+    print(json.dumps({"ms": statistics.median(runs)}))
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    name, _, env = text.partition("=")
+    if not name:
+        raise SystemExit(f"--variant {text!r}: use NAME=ENV (ENV may be empty)")
+    settings = dict(kv.split("=", 1) for kv in env.split())
+    return name, settings
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=DEFAULT_CKPT, help="checkpoint (default: the bench one)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--variant", action="append", default=[], help="NAME=ENV; repeat for each variant")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+    if not args.model.exists():
+        raise SystemExit(f"no checkpoint at {args.model}: make it with `exaserve make-tiny "
+                         f"{args.model} --preset bench`")
+    variants = [parse_variant(v) for v in args.variant] or [("current", {})]
+    times: dict[tuple[str, int], list[float]] = {}
+    for r in range(args.rounds):
+        for batch in args.batch:
+            for name, env in variants:
+                cmd = [sys.executable, __file__, "--child", "--model", str(args.model), "--batch", str(batch),
+                       "--steps", str(args.steps), "--repeats", str(args.repeats)]
+                done = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, cwd=ROOT)
+                if done.returncode != 0:
+                    raise SystemExit(f"{name} batch {batch} failed:\n{done.stderr[-2000:]}")
+                ms = json.loads(done.stdout.strip().splitlines()[-1])["ms"]
+                times.setdefault((name, batch), []).append(ms)
+                print(f"round {r + 1} batch {batch:3d} {name:>12s} {ms:7.3f} ms/step", flush=True)
+    base = variants[0][0]
+    print(f"\n{'batch':>5s} {'variant':>12s} {'median ms':>10s} {'runs':>30s} {'vs ' + base:>10s}")
+    for batch in args.batch:
+        ref = statistics.median(times[(base, batch)])
+        for name, _ in variants:
+            runs = times[(name, batch)]
+            med = statistics.median(runs)
+            print(f"{batch:5d} {name:>12s} {med:10.3f} {' '.join(f'{t:.2f}' for t in runs):>30s} "
+                  f"{med / ref:9.2f}x")
+
+
+if __name__ == "__main__":
+    main()
