@@ -147,4 +147,4 @@ def rows_step(layers, embed, input_ids, positions, meta, kv, rope, norm, eps, lm
     s = _step_inputs(positions, meta, kv, rope)
     if before is not None:
         before()
-    return _ext().rows_step(layers, embed, input_ids, s, norm, eps, _packed(lm_head), rows, argmax, list(screen))
+    return _ext().rows_step(layers, embed, input_ids, s, norm, eps, _packed(lm_head), rows, argmax, screen)

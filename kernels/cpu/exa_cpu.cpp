@@ -16,6 +16,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -773,7 +774,7 @@ std::vector<torch::Tensor> argmax_screen(torch::Tensor w) {
   int8_t* qp = q.data_ptr<int8_t>();
   float *sp = scale.data_ptr<float>(), *cp = bound.data_ptr<float>();
   const double g = 2.0 * double(K + 1) * std::ldexp(1.0, -24);
-  bool finite = true;
+  std::atomic<bool> finite{true};  // cleared by any thread that meets a weight it cannot bound
   auto rows = [&](auto* wp) {
     at::parallel_for(0, V, 64, [&](int64_t a, int64_t b) {
       for (int64_t r = a; r < b; ++r) {
