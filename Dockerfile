@@ -17,6 +17,7 @@ RUN apt-get update \
 
 WORKDIR /opt/exaserve
 COPY pyproject.toml README.md ./
+COPY exaserve exaserve
 COPY engine engine
 COPY kernels kernels
 COPY server server

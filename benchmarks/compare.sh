@@ -40,7 +40,7 @@ export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 
 if [[ ! -f $CKPT/model.safetensors ]]; then
   echo "== making the bench checkpoint in $CKPT"
-  "$EXASERVE_PYTHON" -m server.cli make-tiny "$CKPT.tmp" --preset bench && mv "$CKPT.tmp" "$CKPT"
+  "$EXASERVE_PYTHON" -m exaserve.cli make-tiny "$CKPT.tmp" --preset bench && mv "$CKPT.tmp" "$CKPT"
 fi
 
 # Peak memory of a process tree: every 0.2 s, VmRSS (and PSS, which counts shared pages once) summed
@@ -156,8 +156,8 @@ EOF
 if (( run_exaserve )); then
   rm -f "$RESULTS/exaserve.failed.json"
   # A one-time compile per machine (like installing vLLM), not part of the measured startup.
-  "$EXASERVE_PYTHON" -m server.cli build-kernels >/dev/null
-  bench exaserve "$LOGS/exaserve.log" "$EXASERVE_PYTHON" -m server.cli serve --model "$CKPT" \
+  "$EXASERVE_PYTHON" -m exaserve.cli build-kernels >/dev/null
+  bench exaserve "$LOGS/exaserve.log" "$EXASERVE_PYTHON" -m exaserve.cli serve --model "$CKPT" \
     --dtype bfloat16 --host 127.0.0.1 --port "$PORT" --served-model-name bench --max-num-seqs 32 \
     --max-num-batched-tokens 2048 --max-model-len "$MAX_MODEL_LEN" --kv-cache-memory "${KV_GIB}GiB" \
     || echo "!! exaserve run failed"

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +23,8 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kernels import fused_ops  # noqa: E402
-from kernels import torch_ops as ref  # noqa: E402
+from exaserve.kernels import fused_ops
+from exaserve.kernels import torch_ops as ref
 
 
 @dataclass
@@ -72,7 +69,7 @@ def _triton(module: str, name: str | None, with_triton: bool):
     """The Triton op (or module, name None) to time beside the torch path, or None without Triton."""
     if not with_triton:
         return None
-    mod = importlib.import_module(f"kernels.{module}")
+    mod = importlib.import_module(f"exaserve.kernels.{module}")
     return mod if name is None else getattr(mod, name)
 
 

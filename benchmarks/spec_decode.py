@@ -3,22 +3,19 @@ for k = 0..3 drafts, on a chain checkpoint whose MTP block agrees with the model
 
     python benchmarks/spec_decode.py [--agree 0.7] [--vocab 512] [--requests 16] [--max-tokens 128]
 
-The model's next token depends only on the current one (tests/mtp_checkpoint.py), and its MTP block predicts
+The model's next token depends only on the current one (exaserve.testing.make_chain_checkpoint), and its MTP block predicts
 the token after next correctly for the fraction `agree` of tokens, so position-1 acceptance should be near
 `agree`, position 2 near agree^2, and so on. All k run in one process, one after the other.
 """
 import argparse
 import json
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine import LLM, SamplingParams  # noqa: E402
-from tests.mtp_checkpoint import make_chain_checkpoint  # noqa: E402
+from exaserve.engine import LLM, SamplingParams
+from exaserve.testing import make_chain_checkpoint
 
 
 def main() -> None:

@@ -25,9 +25,8 @@ DEFAULT_CKPT = Path(os.environ.get("BENCH_CACHE", Path.home() / ".cache" / "exas
 
 
 def child(args) -> None:
-    sys.path.insert(0, str(ROOT))
-    from engine.engine_core import EngineCore
-    from engine.sampling_params import SamplingParams
+    from exaserve.engine.engine_core import EngineCore
+    from exaserve.engine.sampling_params import SamplingParams
     engine = EngineCore(str(args.model), max_num_seqs=max(args.batch), max_num_batched_tokens=2048)
     rng = random.Random(0)
     batch, vocab = args.batch[0], engine.model_config.vocab_size

@@ -18,10 +18,8 @@ from pathlib import Path
 import torch
 from triton.testing import do_bench
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from kernels import torch_ops  # noqa: E402
-from kernels import triton_moe  # noqa: E402
+from exaserve.kernels import torch_ops
+from exaserve.kernels import triton_moe
 
 SMEM_LIMIT = 220 * 1024
 DEFAULT_M = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]

@@ -18,9 +18,9 @@ import threading
 from collections import defaultdict
 from typing import AsyncIterator
 
-from engine.engine_core import EngineCore
-from engine.outputs import DeltaOutput
-from engine.sampling_params import SamplingParams
+from exaserve.engine.engine_core import EngineCore
+from exaserve.engine.outputs import DeltaOutput
+from exaserve.engine.sampling_params import SamplingParams
 
 log = logging.getLogger("exaserve.engine")
 

@@ -9,19 +9,19 @@ from pathlib import Path
 
 import torch
 
-import kernels
+from exaserve import kernels
 
-from engine.config import ModelConfig
-from engine.detokenizer import IncrementalDetokenizer
-from engine.kv_cache import KVCache
-from engine.loader import load_model, resolve_dtype
-from engine.model_runner import ModelRunner
-from engine.outputs import DeltaOutput
-from engine.request import Request
-from engine.sampler import make_generator
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
-from engine.tokenizer import Tokenizer
+from exaserve.engine.config import ModelConfig
+from exaserve.engine.detokenizer import IncrementalDetokenizer
+from exaserve.engine.kv_cache import KVCache
+from exaserve.engine.loader import load_model, resolve_dtype
+from exaserve.engine.model_runner import ModelRunner
+from exaserve.engine.outputs import DeltaOutput
+from exaserve.engine.request import Request
+from exaserve.engine.sampler import make_generator
+from exaserve.engine.sampling_params import SamplingParams
+from exaserve.engine.scheduler import Scheduler
+from exaserve.engine.tokenizer import Tokenizer
 
 log = logging.getLogger("exaserve.engine")
 # Engines freeze the gc generations (see EngineCore.__init__); the final collection at exit must see those

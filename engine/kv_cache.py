@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import ModelConfig
+from exaserve.engine.config import ModelConfig
 
 
 def _zeros(shape, dtype, device) -> torch.Tensor:

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import itertools
 
-from engine.engine_core import EngineCore
-from engine.outputs import CompletionOutput, RequestOutput
-from engine.sampling_params import SamplingParams
+from exaserve.engine.engine_core import EngineCore
+from exaserve.engine.outputs import CompletionOutput, RequestOutput
+from exaserve.engine.sampling_params import SamplingParams
 
 
 class LLM:

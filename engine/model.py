@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-import kernels
-from engine.config import ModelConfig
+from exaserve import kernels
+from exaserve.engine.config import ModelConfig
 
 log = logging.getLogger("exaserve.model")
 

@@ -6,14 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
+from exaserve import kernels
 
-from engine.kv_cache import KVCache
-from engine.model import AttnMetadata, ExaoneMoeModel
-from engine.request import Request
-from engine.sampler import Sampler, SamplingRow, plain_greedy
-from engine.scheduler import ScheduledBatch
-from engine.spec_decode import SpecStats, verify
+from exaserve.engine.kv_cache import KVCache
+from exaserve.engine.model import AttnMetadata, ExaoneMoeModel
+from exaserve.engine.request import Request
+from exaserve.engine.sampler import Sampler, SamplingRow, plain_greedy
+from exaserve.engine.scheduler import ScheduledBatch
+from exaserve.engine.spec_decode import SpecStats, verify
 
 
 @dataclass

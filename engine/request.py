@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.sampling_params import SamplingParams
+from exaserve.engine.sampling_params import SamplingParams
 
 
 class Status(enum.Enum):

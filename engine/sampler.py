@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
-from engine.sampling_params import SamplingParams
+from exaserve import kernels
+from exaserve.engine.sampling_params import SamplingParams
 
 NEG_INF = float("-inf")
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.kv_cache import KVCache
-from engine.request import Request, Status
+from exaserve.engine.kv_cache import KVCache
+from exaserve.engine.request import Request, Status
 
 
 @dataclass

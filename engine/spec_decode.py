@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.sampler import Sampler, SamplingRow
+from exaserve.engine.sampler import Sampler, SamplingRow
 
 
 @dataclass

@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from kernels import cpu, cpu_ops, fused_ops, torch_ops
+from exaserve.kernels import cpu, cpu_ops, fused_ops, torch_ops
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 _module = functools.cache(importlib.import_module)
@@ -56,15 +56,15 @@ def _op(reference, module: str | None):
 
 
 linear = _op(torch_ops.linear, None)
-rms_norm = _op(torch_ops.rms_norm, "kernels.triton_norm")
-add_rms_norm = _op(torch_ops.add_rms_norm, "kernels.triton_norm")
-rope = _op(torch_ops.rope, "kernels.triton_norm")
-silu_and_mul = _op(torch_ops.silu_and_mul, "kernels.triton_norm")
-qk_norm_rope = _op(fused_ops.qk_norm_rope, "kernels.triton_norm")
-fused_moe = _op(torch_ops.fused_moe, "kernels.triton_moe")
-write_kv = _op(torch_ops.write_kv, "kernels.triton_attention")
-paged_attention = _op(torch_ops.paged_attention, "kernels.triton_attention")
-ring_attention = _op(torch_ops.ring_attention, "kernels.triton_attention")
+rms_norm = _op(torch_ops.rms_norm, "exaserve.kernels.triton_norm")
+add_rms_norm = _op(torch_ops.add_rms_norm, "exaserve.kernels.triton_norm")
+rope = _op(torch_ops.rope, "exaserve.kernels.triton_norm")
+silu_and_mul = _op(torch_ops.silu_and_mul, "exaserve.kernels.triton_norm")
+qk_norm_rope = _op(fused_ops.qk_norm_rope, "exaserve.kernels.triton_norm")
+fused_moe = _op(torch_ops.fused_moe, "exaserve.kernels.triton_moe")
+write_kv = _op(torch_ops.write_kv, "exaserve.kernels.triton_attention")
+paged_attention = _op(torch_ops.paged_attention, "exaserve.kernels.triton_attention")
+ring_attention = _op(torch_ops.ring_attention, "exaserve.kernels.triton_attention")
 moe_route = _op(torch_ops.moe_route, None)
 argmax = _op(torch_ops.argmax, None)
 

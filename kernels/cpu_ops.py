@@ -8,7 +8,7 @@ other weight is packed on the fly per call, which is correct but slow (tests, ad
 """
 import torch
 
-from kernels import cpu
+from exaserve.kernels import cpu
 
 _NONE = torch.empty(0)
 

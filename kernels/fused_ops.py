@@ -1,7 +1,7 @@
 """Torch paths of fused ops that have no single counterpart in torch_ops (the reference for their kernels)."""
 import torch
 
-from kernels import torch_ops
+from exaserve.kernels import torch_ops
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,

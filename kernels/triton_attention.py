@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import INTERPRET, dot_precision
+from exaserve.kernels.triton_common import INTERPRET, dot_precision
 
 LOG2E = 1.4426950408889634
 

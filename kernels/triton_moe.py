@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import INTERPRET, dot_precision
+from exaserve.kernels.triton_common import INTERPRET, dot_precision
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 

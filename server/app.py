@@ -12,7 +12,6 @@ import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from importlib.metadata import PackageNotFoundError, version
 
 import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -21,19 +20,15 @@ from pydantic import ValidationError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine import SamplingParams
-from engine.outputs import DeltaOutput
-from server import protocol as p
-from server.chat_template import ChatTemplateError, prompt_ends_in_reasoning, render_chat
-from server.metrics import CONTENT_TYPE, Metrics
-from server.parsers import THINK_END, THINK_START, TOOL_END, TOOL_START, OutputParser, ParsedDelta, ParsedOutput
+from exaserve import __version__
+from exaserve.engine import SamplingParams
+from exaserve.engine.outputs import DeltaOutput
+from exaserve.server import protocol as p
+from exaserve.server.chat_template import ChatTemplateError, prompt_ends_in_reasoning, render_chat
+from exaserve.server.metrics import CONTENT_TYPE, Metrics
+from exaserve.server.parsers import THINK_END, THINK_START, TOOL_END, TOOL_START, OutputParser, ParsedDelta, ParsedOutput
 
 log = logging.getLogger("exaserve.server")
-
-try:
-    __version__ = version("exaserve")
-except PackageNotFoundError:  # running from a source tree
-    __version__ = "0.1.0+src"
 
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "BadRequestError",
                 429: "RateLimitError", 500: "InternalServerError", 503: "ServiceUnavailableError"}

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken, Tokenizer
 
-from engine.tiny import EOS_ID, TAGS, make_tiny_checkpoint
+from exaserve.engine.tiny import EOS_ID, TAGS, make_tiny_checkpoint
 
 THINKING = "\n"
 NO_THINKING = "\n</think>\n\n"

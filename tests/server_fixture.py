@@ -1,6 +1,6 @@
 """A live `exaserve serve` subprocess for tests, and the tiny checkpoint it serves.
 
-Test modules load this as a plugin (`pytest_plugins = ["tests.server_fixture"]`, and no direct import, so
+Test modules load this as a plugin (`pytest_plugins = ["server_fixture"]`, and no direct import, so
 pytest can rewrite its asserts): that brings the fixtures `live_server` and `tiny_model`, and a hook that
 appends the log of every running server to a failing test's report.
 """
@@ -17,7 +17,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
 _running: list["LiveServer"] = []
 _stopped: list["LiveServer"] = []  # since the last report: a test that ran its own server still gets its log
 
@@ -36,11 +35,10 @@ class LiveServer:
         self._log = tempfile.NamedTemporaryFile(prefix="exaserve-", suffix=".log", delete=False)
         self._final_log: str | None = None
         model = ("--model", str(model_dir)) if model_dir is not None else ()
-        command = [sys.executable, "-m", "server.cli", "serve", *model, "--port", str(self.port), *args,
+        command = [sys.executable, "-m", "exaserve.cli", "serve", *model, "--port", str(self.port), *args,
                    *(("--api-key", api_key) if api_key else ())]
-        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-        env = {**{k: v for k, v in os.environ.items() if k != "EXASERVE_API_KEY"}, "PYTHONPATH": path, **(env or {})}
-        self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        env = {**{k: v for k, v in os.environ.items() if k != "EXASERVE_API_KEY"}, **(env or {})}
+        self.proc = subprocess.Popen(command, cwd=tempfile.gettempdir(), env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
@@ -94,7 +92,7 @@ class LiveServer:
 
 @contextmanager
 def _live_server(model_dir, *args: str, api_key: str | None = None, env: dict | None = None):
-    """Start `python -m server.cli serve` on a free 127.0.0.1 port; stop it by its PID afterwards.
+    """Start `python -m exaserve.cli serve` on a free 127.0.0.1 port; stop it by its PID afterwards.
     model_dir None: no --model (the built-in tiny checkpoint); env: extra environment variables."""
     server = LiveServer(model_dir, *args, api_key=api_key, env=env)
     _running.append(server)
@@ -115,7 +113,7 @@ def live_server():
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from engine.tiny import make_tiny_checkpoint
+    from exaserve.engine.tiny import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("server_tiny"))
 

@@ -3,8 +3,8 @@ import asyncio
 
 import pytest
 
-from engine import AsyncEngine, LLM, SamplingParams
-from engine.tiny import make_tiny_checkpoint
+from exaserve.engine import AsyncEngine, LLM, SamplingParams
+from exaserve.engine.tiny import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ from pathlib import Path
 import orjson
 import pytest
 
-# benchmarks/ is not a package, and putting it on sys.path would shadow the kernels package
+# benchmarks/ is a folder of scripts, not a package: load the script by its path
 _spec = importlib.util.spec_from_file_location("bench_serve", Path(__file__).resolve().parents[1] / "benchmarks" / "serve.py")
 serve = sys.modules["bench_serve"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(serve)
 
-pytest_plugins = ["tests.server_fixture"]
+pytest_plugins = ["server_fixture"]
 
 EVENTS = [{"choices": [{"index": 0, "text": t}]} for t in ("Hel", "lo", "", " wor\u00e9ld")] + [
     {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}]

@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import cpu_ops, fused_ops
-from kernels import torch_ops as ref
-from tests.kernel_cases import (GQA, MOE_CASES, PAGED_CASES, RING_CASES, check, paged_batch, qkv_views, ring_batch,
+from exaserve import kernels
+from exaserve.kernels import cpu_ops, fused_ops
+from exaserve.kernels import torch_ops as ref
+from kernel_cases import (GQA, MOE_CASES, PAGED_CASES, RING_CASES, check, paged_batch, qkv_views, ring_batch,
                                 rope_tables, routing)
 
 pytestmark = pytest.mark.skipif(not kernels.cpu.available(), reason="C++ CPU kernels did not build here")
@@ -295,8 +295,8 @@ def test_engine_bf16_weights_match_torch_path(tmp_path, monkeypatch):
     """A bf16 checkpoint on CPU: the C++ path keeps bf16 weights (half the bytes) and must give the torch
     path's greedy tokens (which upcasts the weights to fp32 at load), logprobs within 1e-4, in a batch mixing
     prefill chunks and decodes."""
-    from engine import LLM, SamplingParams
-    from engine.tiny import make_tiny_checkpoint
+    from exaserve.engine import LLM, SamplingParams
+    from exaserve.engine.tiny import make_tiny_checkpoint
     path = make_tiny_checkpoint(tmp_path / "m", preset="tiny", dtype="bfloat16", with_mtp=False)
     prompts = [[(7 * i + 3 * j) % 200 + 5 for j in range(n)] for i, n in enumerate([5, 23, 40, 9])]
     params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=0, ignore_eos=True)
@@ -339,8 +339,8 @@ def test_pack_layout_and_packed_parameters():
 def test_fused_layers_match_per_op_path(tmp_path):
     """The engine's one-call C++ decoder stack gives the per-op path's tokens and logprobs (a model with dense
     and MoE layers, shared and grouped routing, sliding and global attention)."""
-    from engine import LLM, SamplingParams
-    from tests.hf_reference import make_hf_checkpoint
+    from exaserve.engine import LLM, SamplingParams
+    from exaserve.testing import make_hf_checkpoint
     make_hf_checkpoint(tmp_path, num_attention_heads=8, num_key_value_heads=2, head_dim=16, sliding_window=6,
                        num_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2)
     llm = LLM(str(tmp_path), dtype="float32", max_num_seqs=4, max_num_batched_tokens=16, block_size=4)
@@ -364,8 +364,8 @@ def test_one_call_steps_match_forward_then_sampler(tmp_path, monkeypatch):
     to their argmax when all are plain greedy); tokens and logprobs equal those of forward + compute_logits +
     sampler, with prompts chunked so steps mix prefill and decode rows, for greedy, logprobs and seeded
     sampled requests in one batch."""
-    from engine import LLM, SamplingParams
-    from tests.hf_reference import make_hf_checkpoint
+    from exaserve.engine import LLM, SamplingParams
+    from exaserve.testing import make_hf_checkpoint
     make_hf_checkpoint(tmp_path, num_attention_heads=8, num_key_value_heads=2, head_dim=16, sliding_window=6,
                        num_experts=8, num_experts_per_tok=2)
     llm = LLM(str(tmp_path), dtype="bfloat16", max_num_seqs=4, max_num_batched_tokens=16, block_size=4)
@@ -402,7 +402,7 @@ def test_one_call_steps_match_forward_then_sampler(tmp_path, monkeypatch):
 
 
 def test_build_kernels_command(capsys):
-    from server.cli import main
+    from exaserve.cli import main
     assert main(["build-kernels"]) == 0
     assert "C++ CPU kernels ready" in capsys.readouterr().out
 
@@ -414,7 +414,7 @@ def test_stale_build_lock_is_cleared():
     from pathlib import Path
     where = kernels.cpu.build_dir([])
     (where / "lock").touch()
-    code = "from kernels import cpu; import sys; sys.exit(0 if cpu.load() is not None else 1)"
+    code = "from exaserve.kernels import cpu; import sys; sys.exit(0 if cpu.load() is not None else 1)"
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], timeout=600,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -3,9 +3,9 @@ import random
 
 import pytest
 
-from engine import LLM, SamplingParams
-from engine.tiny import make_tiny_checkpoint
-from tests.hf_reference import make_hf_checkpoint
+from exaserve.engine import LLM, SamplingParams
+from exaserve.engine.tiny import make_tiny_checkpoint
+from exaserve.testing import make_hf_checkpoint
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 

@@ -10,22 +10,20 @@ import os
 import subprocess
 import sys
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-import kernels  # noqa: E402
-from kernels import fused_ops, triton_attention, triton_moe, triton_norm  # noqa: E402
-from kernels import torch_ops as ref  # noqa: E402
-from tests.kernel_cases import (GQA, MOE_CASES, PAGED_CASES, RING_CASES, check, paged_batch, qkv_views,  # noqa: E402
+from exaserve import kernels  # noqa: E402
+from exaserve.kernels import fused_ops, triton_attention, triton_moe, triton_norm  # noqa: E402
+from exaserve.kernels import torch_ops as ref  # noqa: E402
+from kernel_cases import (GQA, MOE_CASES, PAGED_CASES, RING_CASES, check, paged_batch, qkv_views,  # noqa: E402
                                 randn, ring_batch, rope_tables, routing)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F32_F16 = [torch.float32, torch.float16]
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -234,11 +232,10 @@ def test_dispatch_routes_to_triton(monkeypatch):
 
 def test_kernels_import_without_triton():
     code = ("import sys; sys.modules['triton'] = None\n"
-            "import torch, kernels\n"
+            "import torch\nfrom exaserve import kernels\n"
             "assert not kernels.HAS_TRITON\n"
             "print(kernels.rms_norm(torch.ones(2, 4), torch.ones(4), 1e-5).sum().item())\n")
     env = {k: v for k, v in os.environ.items() if k != "EXASERVE_KERNELS"}
-    env["PYTHONPATH"] = str(ROOT)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
     assert float(res.stdout) == pytest.approx(8.0, rel=1e-4)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.config import ConfigError, ModelConfig
-from engine.loader import CheckpointError, load_model
-from engine.tiny import make_tiny_checkpoint
+from exaserve.engine.config import ConfigError, ModelConfig
+from exaserve.engine.loader import CheckpointError, load_model
+from exaserve.engine.tiny import make_tiny_checkpoint
 
 BASE = {"model_type": "exaone_moe", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 8,
         "num_attention_heads": 4, "num_key_value_heads": 2, "sliding_window": 16, "num_experts": 4,
@@ -134,7 +134,7 @@ def test_peak_host_memory_during_load(tmp_path):
     code = textwrap.dedent(f"""
         import torch
         torch.zeros(1).numpy()  # libraries paged in before the baseline
-        from engine.loader import load_model
+        from exaserve.engine.loader import load_model
         def status(key):  # VmHWM is this process's own peak (ru_maxrss would include the forking parent's)
             line = next(l for l in open('/proc/self/status') if l.startswith(key + ':'))
             return int(line.split()[1]) * 1024

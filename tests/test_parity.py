@@ -2,10 +2,9 @@
 import random
 
 import pytest
-import torch
 
-from engine import LLM, SamplingParams
-from tests.hf_reference import hf_greedy, make_hf_checkpoint
+from exaserve.engine import LLM, SamplingParams
+from exaserve.testing import hf_greedy, make_hf_checkpoint
 
 GEN = 40
 

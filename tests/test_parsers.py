@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from server.parsers import OutputParser, ParsedOutput, ToolCall, new_tool_call_id, parse_full
+from exaserve.server.parsers import OutputParser, ParsedOutput, ToolCall, new_tool_call_id, parse_full
 
 
 def counting_ids():

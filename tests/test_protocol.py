@@ -2,7 +2,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from server.protocol import (SSE_DONE, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+from exaserve.server.protocol import (SSE_DONE, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
                              chat_chunk, chat_chunk_choice, chat_delta, chat_logprobs, chat_message, chat_response,
                              chat_choice, completion_logprobs, error_body, new_request_id, sse_event, usage,
                              validation_error_message)

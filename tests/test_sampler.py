@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from engine.sampler import Sampler, SamplingRow, make_generator
-from engine.sampling_params import SamplingParams
+from exaserve.engine.sampler import Sampler, SamplingRow, make_generator
+from exaserve.engine.sampling_params import SamplingParams
 
 EOS = 7
 

@@ -1,6 +1,5 @@
 """The OpenAI-compatible server through the official openai client, against a live server on the tiny checkpoint."""
 import asyncio
-import os
 import re
 import subprocess
 import sys
@@ -11,16 +10,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine import LLM, SamplingParams
-from engine.tiny import make_tiny_checkpoint
-from server.chat_template import prompt_ends_in_reasoning, render_chat
-from server.cli import builtin_tiny_checkpoint
-from server.parsers import THINK_END, THINK_START, TOOL_END, TOOL_START, parse_full
+from exaserve.engine import LLM, SamplingParams
+from exaserve.engine.tiny import make_tiny_checkpoint
+from exaserve.server.chat_template import prompt_ends_in_reasoning, render_chat
+from exaserve.cli import builtin_tiny_checkpoint
+from exaserve.server.parsers import THINK_END, THINK_START, TOOL_END, TOOL_START, parse_full
 
-pytest_plugins = ["tests.server_fixture"]
+pytest_plugins = ["server_fixture"]
 
 MODEL = "tiny"
-REPO = Path(__file__).resolve().parents[1]
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 
 
@@ -281,9 +279,8 @@ def test_without_model_the_builtin_tiny_checkpoint_is_made_once_and_served(live_
 
 
 def test_cli_refuses_a_missing_checkpoint(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", str(tmp_path / "none")],
-                            capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "exaserve.cli", "serve", "--model", str(tmp_path / "none")],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode != 0 and "cannot serve" in result.stderr
 
 

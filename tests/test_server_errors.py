@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-pytest_plugins = ["tests.server_fixture"]
+pytest_plugins = ["server_fixture"]
 
 MODEL = "tiny"
 KEY = "sk-test"

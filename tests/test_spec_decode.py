@@ -1,15 +1,14 @@
 """MTP self-speculative decoding: exactness (greedy and sampled), acceptance, rollback with the pools."""
-import math
 import random
 
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from engine.sampler import Sampler, SamplingRow
-from engine.spec_decode import verify
-from tests.hf_reference import make_hf_checkpoint
-from tests.mtp_checkpoint import add_random_mtp, make_chain_checkpoint
+from exaserve.engine import LLM, SamplingParams
+from exaserve.engine.sampler import Sampler, SamplingRow
+from exaserve.engine.spec_decode import verify
+from exaserve.testing import make_hf_checkpoint
+from exaserve.testing import add_random_mtp, make_chain_checkpoint
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.tiny import make_tiny_checkpoint
+from exaserve.engine.tiny import make_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from engine.tiny import EOS_ID, LOW_TOKENS, TAGS, make_tiny_checkpoint
-from engine.tokenizer import Tokenizer
+from exaserve.engine.tiny import EOS_ID, LOW_TOKENS, TAGS, make_tiny_checkpoint
+from exaserve.engine.tokenizer import Tokenizer
 
 FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
          "chat_template.jinja"]

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from tests.scripted_checkpoint import ANSWER_TURN, make_scripted_checkpoint
+from scripted_checkpoint import ANSWER_TURN, make_scripted_checkpoint
 
-pytest_plugins = ["tests.server_fixture"]
+pytest_plugins = ["server_fixture"]
 
 MODEL = "scripted"
 REASONING = "I should look up the weather."

@@ -10,8 +10,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from engine import LLM, SamplingParams  # noqa: E402
-from tests.hf_reference import make_hf_checkpoint  # noqa: E402
+from exaserve.engine import LLM, SamplingParams  # noqa: E402
+from exaserve.testing import make_hf_checkpoint  # noqa: E402
 
 MODELS = {
     # GQA group 4, a window shorter than the prompts, pages of 4 so sequences span several blocks

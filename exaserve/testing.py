@@ -1,11 +1,15 @@
-"""Checkpoints with an MTP block, for speculative decoding tests and benchmarks.
+"""Checkpoints for tests and benchmarks, and transformers' model as the numerical reference.
 
+- `make_hf_checkpoint(path, **config)`: a random tiny ExaoneMoeForCausalLM saved with transformers (weights
+  wide enough that routing and logits are not flat), with a word-level tokenizer; `hf_greedy` decodes it.
 - `add_random_mtp(path)`: a random MTP block next to the weights of any checkpoint (transformers drops
   `mtp.*` on save, so it is added to the safetensors file afterwards). Its drafts are nearly always wrong.
 - `make_chain_checkpoint(path, agree)`: a model whose next token depends only on the current one (a random
   cycle over the vocabulary: one-hot embeddings, every block writes zero into the residual stream, lm_head
   maps each token to its successor), with an MTP block that predicts the token after next correctly for a
   known fraction `agree` of tokens and wrongly for the rest.
+
+transformers is a test dependency (`pip install exaserve[test]`); it is imported only when a checkpoint is made.
 """
 from __future__ import annotations
 
@@ -15,8 +19,59 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.hf_reference import make_hf_checkpoint
 
+def make_hf_checkpoint(path, *, seed=0, std=0.2, **overrides):
+    """save_pretrained a random ExaoneMoeForCausalLM with weights large enough that routing and logits are
+    not flat, and a non-zero correction bias. Returns the transformers model (float32, eval)."""
+    from transformers import ExaoneMoeConfig, ExaoneMoeForCausalLM
+
+    kw = dict(vocab_size=96, hidden_size=48, intermediate_size=80, moe_intermediate_size=24, num_hidden_layers=4,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+              layer_types=["sliding_attention"] * 3 + ["full_attention"], num_experts=8, num_experts_per_tok=2,
+              first_k_dense_replace=1, max_position_embeddings=512,
+              rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, eos_token_id=None)
+    kw.update(overrides)
+    cfg = ExaoneMoeConfig(**kw)
+    torch.manual_seed(seed)
+    model = ExaoneMoeForCausalLM(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, std)
+        for m in model.modules():
+            if hasattr(m, "e_score_correction_bias"):
+                m.e_score_correction_bias.copy_(0.1 * torch.randn_like(m.e_score_correction_bias))
+    model.save_pretrained(path)
+    write_word_tokenizer(path, cfg.vocab_size)
+    return model
+
+
+def write_word_tokenizer(path, vocab_size: int):
+    """A word-level tokenizer.json ("t0".."tN", space separated) so the engine can detokenize."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")   # joins words with spaces
+    tok.save(str(path / "tokenizer.json"))
+
+
+@torch.no_grad()
+def hf_greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
+    """Greedy continuation by full forwards (no cache): the plainest possible reference.
+    Returns the tokens and each token's log_softmax logprob."""
+    ids = list(prompt)
+    out, lps = [], []
+    for _ in range(n):
+        logits = model(torch.tensor([ids])).logits[0, -1].float()
+        lp = torch.log_softmax(logits, -1)
+        t = int(torch.argmax(logits))
+        out.append(t)
+        lps.append(float(lp[t]))
+        ids.append(t)
+    return out, lps
 
 def _mtp_tensors(cfg: dict, tensors: dict, gen: torch.Generator, std: float = 0.2) -> dict:
     """Random mtp.* tensors shaped after the main model's layer 0 (dense), norms near 1."""

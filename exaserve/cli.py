@@ -62,8 +62,8 @@ def _serve_parser() -> argparse.ArgumentParser:
 
 def builtin_tiny_checkpoint() -> Path:
     """The tiny random checkpoint, made once per version into the user's cache directory."""
-    from engine.tiny import make_tiny_checkpoint
-    from server.app import __version__
+    from exaserve.engine.tiny import make_tiny_checkpoint
+    from exaserve import __version__
 
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "exaserve"
     path = root / f"tiny-{__version__}"
@@ -138,8 +138,8 @@ def serve(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
 
-    from engine import AsyncEngine
-    from server.app import build_app
+    from exaserve.engine import AsyncEngine
+    from exaserve.server.app import build_app
 
     chat_template = None
     if args.chat_template is not None:
@@ -182,7 +182,7 @@ def build_kernels(argv: list[str]) -> int:
     """Compile the C++ CPU kernels now (otherwise the first CPU server or engine does it, ~30-60 s once)."""
     argparse.ArgumentParser(prog="exaserve build-kernels", description=build_kernels.__doc__).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from kernels import cpu
+    from exaserve.kernels import cpu
     module = cpu.load()
     if module is None:
         print("exaserve: the C++ CPU kernels did not build (see the warning above); the torch path will be used",
@@ -193,7 +193,7 @@ def build_kernels(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.tiny import main_make_tiny
+    from exaserve.engine.tiny import main_make_tiny
 
     argv = sys.argv[1:] if argv is None else argv
     commands = {"serve": serve, "make-tiny": main_make_tiny, "build-kernels": build_kernels}

@@ -1,0 +1,5 @@
+import sys
+
+from exaserve.cli import main
+
+sys.exit(main())
