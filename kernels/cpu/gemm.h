@@ -1,0 +1,281 @@
+// GEMM on packed weights: the packed layout and pack(), the register-tiled kernel (fp32 / bf16 / int8 weights,
+// fp32 activations and accumulation), linear; plus the helpers every op uses: OpenMP work items and the
+// argument checks of tensors coming from Python.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "tuning.h"
+#include "vec.h"
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------
+// GEMM on packed weights: out[m][n] = sum_k x_m[k] * w[n][k], x rows by pointer (fp32), w fp32 or bf16.
+//
+// Layout: a weight [N, K] (or each [N, K] matrix of a stack) is split into parts of `part` rows (w13: the gate
+// rows, then the up rows) and each part into panels of 32 rows, the last one possibly narrower. A panel of
+// width r is stored as [K][r] (column j = row j of the panel), at offset panel * 32 * K from the part's start.
+// The tensor keeps its shape: only the order of the elements inside each part changes. A panel is one
+// contiguous stream for the prefetcher, and the kernel broadcasts x[m][k] against 32 weights at a time, so
+// no horizontal sums are needed.
+//
+// A full-width bf16 panel interleaves its two halves: column j of a k-row sits at 2 (j % 16) + j / 16. One
+// 64-byte load then holds columns 0-15 in the low and 16-31 in the high halves of its 32-bit lanes, widened
+// to fp32 by one shift and one mask, instead of two zero-extending shuffles and two shifts: fewer uops on
+// the ports the FMAs need, which matters where few rows share each weight (MoE experts at ~4 tokens).
+inline int bf16_slot(int j) { return EXA_BF16_PAIRS ? 2 * (j % 16) + j / 16 : j; }
+
+// Columns 0-15 and 16-31 of one k-row of a full-width panel, as fp32.
+template <typename W>
+inline void load_cols(const W* p, v16& lo, v16& hi) {
+  lo = load(p);
+  hi = load(p + 16);
+}
+inline void load_cols(const bf16* p, v16& lo, v16& hi) {
+#if EXA_BF16_PAIRS
+  u16 u, a, b;
+  std::memcpy(&u, p, sizeof u);
+  a = u << 16;
+  b = u & 0xFFFF0000u;
+  std::memcpy(&lo, &a, sizeof lo);
+  std::memcpy(&hi, &b, sizeof hi);
+#else
+  lo = load(p);
+  hi = load(p + 16);
+#endif
+}
+
+// MR rows of x against one full-width panel [K][32]; writes the first `ncols` columns.
+template <int MR, typename W>
+inline void ukernel(const float* const* x, const W* panel, int K, float* out, int64_t ldo, int ncols) {
+  constexpr int PH = MR <= 4 ? 2 : 1;  // k-phases: independent accumulators shorten FMA chains at small MR
+  v16 acc[PH][MR][2];
+#pragma GCC unroll 16
+  for (int p = 0; p < PH; ++p)
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) acc[p][m][0] = acc[p][m][1] = v16{};
+  int k = 0;
+  for (; k + PH <= K; k += PH) {
+    if constexpr (PREFETCH > 0) __builtin_prefetch(panel + (k + PREFETCH) * PW, 0, EXA_PF_LOCALITY);
+#pragma GCC unroll 2
+    for (int p = 0; p < PH; ++p) {
+      v16 w0, w1;
+      load_cols(panel + (k + p) * PW, w0, w1);
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; ++m) {  // scalar * vector broadcasts (v16{} + s would cost an add: -0.0)
+        const float xs = x[m][k + p];
+        acc[p][m][0] += xs * w0;
+        acc[p][m][1] += xs * w1;
+      }
+    }
+  }
+  for (; k < K; ++k) {
+    v16 w0, w1;
+    load_cols(panel + k * PW, w0, w1);
+    for (int m = 0; m < MR; ++m) {
+      const float xs = x[m][k];
+      acc[0][m][0] += xs * w0;
+      acc[0][m][1] += xs * w1;
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    v16 r0 = acc[0][m][0], r1 = acc[0][m][1];
+    if constexpr (PH == 2) {
+      r0 += acc[1][m][0];
+      r1 += acc[1][m][1];
+    }
+    if (ncols == PW) {
+      store(out + m * ldo, r0);
+      store(out + m * ldo + 16, r1);
+    } else {
+      float tmp[PW];
+      store(tmp, r0);
+      store(tmp + 16, r1);
+      std::memcpy(out + m * ldo, tmp, ncols * sizeof(float));
+    }
+  }
+}
+
+// All M rows of x against one full-width panel.
+template <typename W>
+void panel_rows(const float* const* x, int M, const W* panel, int K, float* o, int64_t ldo, int width) {
+  {
+    int m = 0;
+    for (; m + 12 <= M; m += 12) ukernel<12>(x + m, panel, K, o + m * ldo, ldo, width);  // 24 accumulators
+    for (; m + 8 <= M; m += 8) ukernel<8>(x + m, panel, K, o + m * ldo, ldo, width);
+    if (M - m >= 4) {
+      ukernel<4>(x + m, panel, K, o + m * ldo, ldo, width);
+      m += 4;
+    }
+    if (M - m >= 2) {
+      ukernel<2>(x + m, panel, K, o + m * ldo, ldo, width);
+      m += 2;
+    }
+    if (M - m >= 1) ukernel<1>(x + m, panel, K, o + m * ldo, ldo, width);
+  }
+}
+
+// Columns [32 p0, min(32 p1, R)) of x @ part^T for M rows (part: R packed rows of K); out column 0 is column
+// 32 p0. Single-threaded; callers split panels and rows between threads.
+template <typename W>
+void gemm_panels(const float* const* x, int M, const W* part, int R, int K, int p0, int p1, float* out,
+                 int64_t ldo) {
+  thread_local std::vector<W> pad;
+  thread_local std::vector<float> wide;
+  for (int p = p0; p < p1; ++p) {
+    const int width = std::min(PW, R - p * PW);
+    const W* panel = part + int64_t(p) * PW * K;
+    if (width < PW) {  // the narrower last panel (plain [K][width]), zero-padded to a full-width one
+      pad.assign(size_t(K) * PW, W(0));
+      for (int k = 0; k < K; ++k)
+        for (int j = 0; j < width; ++j)
+          pad[size_t(k) * PW + (std::is_same_v<W, bf16> ? bf16_slot(j) : j)] = panel[size_t(k) * width + j];
+      panel = pad.data();
+    }
+    float* o = out + (p - p0) * PW;
+    if constexpr (std::is_same_v<W, bf16>) {
+      if (M >= WIDEN_ROWS) {  // widen the panel once rather than once per row tile
+        wide.resize(size_t(K) * PW);
+        for (size_t i = 0; i < size_t(K) * PW; i += PW) {
+          if (PREFETCH > 0) __builtin_prefetch(panel + i + size_t(PREFETCH) * PW, 0, EXA_PF_LOCALITY);
+          v16 lo, hi;
+          load_cols(panel + i, lo, hi);
+          store(wide.data() + i, lo);
+          store(wide.data() + i + 16, hi);
+        }
+        panel_rows<float>(x, M, wide.data(), K, o, ldo, width);
+        continue;
+      }
+    }
+    panel_rows<W>(x, M, panel, K, o, ldo, width);
+  }
+}
+
+
+void check_weight(const torch::Tensor& w, const char* name) {
+  TORCH_CHECK(w.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, name,
+              " must be float32 or bfloat16, got ", w.scalar_type());
+  TORCH_CHECK(w.is_contiguous(), name, " must be contiguous");
+}
+
+void check_act(const torch::Tensor& x, const char* name, int dim) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor");
+  TORCH_CHECK(x.dim() == dim, name, " must have ", dim, " dims, got ", x.dim());
+}
+
+int num_threads() { return std::max(1, at::get_num_threads()); }
+
+template <typename F>
+void parallel_items(int64_t n, F&& fn) {
+  if (n <= 0) return;
+  const int nt = n > 1 ? num_threads() : 1;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+  for (int64_t i = 0; i < n; ++i) fn(i);
+}
+
+int cdiv(int64_t a, int64_t b) { return int((a + b - 1) / b); }
+
+// Panels per work item: about 8 items per thread, at most `hi` panels.
+int panels_per_item(int64_t total_panels, int hi) {
+  return std::clamp(cdiv(total_panels, 8 * num_threads()), 1, hi);
+}
+
+
+// pairs: full-width panels in the interleaved bf16 order (bf16_slot)
+template <typename T>
+void pack_impl(const T* src, T* dst, int64_t batch, int64_t N, int64_t K, int64_t part, bool pairs = false) {
+  const int64_t parts = N / part, panels = cdiv(part, PW);
+  at::parallel_for(0, batch * parts * panels, 1, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      const int64_t p = i % panels, base = (i / panels) * part * K;  // (matrix, part) -> first element
+      const int64_t width = std::min<int64_t>(PW, part - p * PW);
+      const T* s = src + base + p * PW * K;
+      T* d = dst + base + p * PW * K;
+      for (int64_t j = 0; j < width; ++j) {
+        const int64_t slot = pairs && width == PW ? bf16_slot(int(j)) : j;
+        for (int64_t k = 0; k < K; ++k) d[k * width + slot] = s[j * K + k];
+      }
+    }
+  });
+}
+
+// The packed copy of w [..., N, K] with parts of `part` rows (N % part == 0).
+torch::Tensor pack(torch::Tensor w, int64_t part) {
+  if (w.scalar_type() == at::kChar) {  // the int8 screen of an lm_head (screened argmax)
+    TORCH_CHECK(w.device().is_cpu() && w.is_contiguous(), "pack: an int8 weight must be a contiguous CPU tensor");
+  } else {
+    check_weight(w, "weight");
+  }
+  TORCH_CHECK(w.dim() >= 2, "pack: weight must have at least 2 dims");
+  const int64_t N = w.size(-2), K = w.size(-1);
+  TORCH_CHECK(part >= 1 && N % part == 0, "pack: ", N, " rows do not split into parts of ", part);
+  auto out = torch::empty_like(w);
+  const int64_t batch = N * K ? w.numel() / (N * K) : 0;
+  if (w.scalar_type() == at::kBFloat16)
+    pack_impl(reinterpret_cast<const int16_t*>(w.data_ptr()), reinterpret_cast<int16_t*>(out.data_ptr()), batch,
+              N, K, part, /*pairs=*/true);
+  else if (w.scalar_type() == at::kChar)
+    pack_impl(w.data_ptr<int8_t>(), out.data_ptr<int8_t>(), batch, N, K, part);
+  else
+    pack_impl(w.data_ptr<float>(), out.data_ptr<float>(), batch, N, K, part);
+  return out;
+}
+
+template <typename W>
+void linear_impl(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& out) {
+  const int M = x.size(0), K = x.size(1), N = w.size(0);
+  const int64_t ldx = x.stride(0);
+  const float* xp = x.data_ptr<float>();
+  const W* wp = reinterpret_cast<const W*>(w.data_ptr());
+  float* op = out.data_ptr<float>();
+  const int mb = cdiv(M, BM), P = cdiv(N, PW);
+  const int pp = panels_per_item(int64_t(P) * mb, 16), nb = cdiv(P, pp);
+  parallel_items(int64_t(mb) * nb, [&](int64_t item) {
+    const int m0 = (item % mb) * BM, p0 = (item / mb) * pp;
+    const int bm = std::min(BM, M - m0), p1 = std::min(P, p0 + pp);
+    const float* rows[BM];
+    for (int i = 0; i < bm; ++i) rows[i] = xp + (m0 + i) * ldx;
+    gemm_panels(rows, bm, wp, N, K, p0, p1, op + int64_t(m0) * N + p0 * PW, N);
+  });
+}
+
+// Leading dims of x flattened into rows: [..., K] -> [rows, K] (a view when the layout allows).
+torch::Tensor rows_of(const torch::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor");
+  TORCH_CHECK(x.dim() >= 1, name, " must have at least one dim");
+  auto r = x.dim() == 2 ? x : x.reshape({-1, x.size(-1)});
+  return r.stride(1) == 1 ? r : r.contiguous();
+}
+
+std::vector<int64_t> with_last(const torch::Tensor& x, int64_t n) {
+  std::vector<int64_t> s(x.sizes().begin(), x.sizes().end());
+  s.back() = n;
+  return s;
+}
+
+// x [..., K] fp32 @ w^T, w [N, K] packed with part = N.
+torch::Tensor linear_op(torch::Tensor x, torch::Tensor w) {
+  check_weight(w, "weight");
+  TORCH_CHECK(w.dim() == 2 && x.dim() >= 1 && w.size(1) == x.size(-1), "linear: x ", x.sizes(), " and weight ",
+              w.sizes(), " do not match");
+  auto x2 = rows_of(x, "x");
+  auto out = torch::empty(with_last(x, w.size(0)), x.options());
+  auto o2 = out.view({x2.size(0), w.size(0)});
+  if (w.scalar_type() == at::kBFloat16)
+    linear_impl<bf16>(x2, w, o2);
+  else
+    linear_impl<float>(x2, w, o2);
+  return out;
+}
+
+}  // namespace

@@ -1,0 +1,41 @@
+// Tuning constants of the CPU kernels, in one place, each with why it has its value. The EXA_* macros can be
+// set without editing: EXASERVE_CPU_EXT_CFLAGS=-DEXA_PREFETCH=64 builds (in its own folder) with that value.
+// Work-split literals that sit inline in the code (panels_per_item's ~8 items per thread and each caller's cap
+// on panels per item, at::parallel_for grain sizes, ukernel's row tiles) stay at their use sites.
+#pragma once
+
+namespace {
+
+// ----- GEMM on packed weights (gemm.h) -----
+
+// Columns per panel of the packed layout: two 16-float vectors per k-row, so the kernel broadcasts x[m][k]
+// against 32 weights at a time (layout in gemm.h).
+constexpr int PW = 32;  // panel width
+// 1: full-width bf16 panels interleave their two halves (bf16_slot), widened by one shift and one mask per
+// 64-byte load instead of two shuffles and two shifts (see the layout comment in gemm.h); 0: plain order.
+#ifndef EXA_BF16_PAIRS
+#define EXA_BF16_PAIRS 1
+#endif
+// Software prefetch distance in panel rows (k steps): with two threads, hardware prefetch alone leaves ~20%
+// of the DRAM bandwidth unused when weights stream past once (decode).
+#ifndef EXA_PREFETCH
+#define EXA_PREFETCH 128
+#endif
+constexpr int PREFETCH = EXA_PREFETCH;
+#ifndef EXA_PF_LOCALITY
+#define EXA_PF_LOCALITY 2  // prefetcht1: into L2, which frees the fill buffers sooner than t0 (A/B: -7% per step)
+#endif
+// From this many rows, a bf16 panel is widened to fp32 once instead of in registers per row tile.
+#ifndef EXA_WIDEN_ROWS
+#define EXA_WIDEN_ROWS 48
+#endif
+constexpr int WIDEN_ROWS = EXA_WIDEN_ROWS;
+// Rows of x per work item: the block of x stays in L2 while the item's panels stream past it.
+constexpr int BM = 256;
+
+// ----- Attention (attention.h) -----
+
+// A run of QB queries of one (sequence, kv head) shares one list of key/value row pointers.
+constexpr int QB = 16;  // queries per work item
+
+}  // namespace
