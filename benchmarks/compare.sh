@@ -9,14 +9,14 @@
 #   benchmarks/compare.sh --exaserve-only # no vLLM (the table shows only exaserve)
 #   benchmarks/compare.sh --vllm-only     # rerun vLLM, reuse results/exaserve.json
 #
-# Environment: EXASERVE_PYTHON (python with exaserve's deps, httpx, matplotlib; default: python3),
+# Environment: BENCH_PYTHON (python with exaserve's deps, httpx, matplotlib; default: python3),
 # VLLM_VENV (default: a vllm-venv folder beside the repo; made with pip on first use), BENCH_CACHE
 # (checkpoint cache; default ~/.cache/exaserve-bench), NUM_PROMPTS, LEVELS, PORT, KV_GIB (KV cache for both).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RESULTS=$ROOT/benchmarks/results
-EXASERVE_PYTHON=${EXASERVE_PYTHON:-python3}
+BENCH_PYTHON=${BENCH_PYTHON:-python3}
 VLLM_VENV=${VLLM_VENV:-$(dirname "$ROOT")/vllm-venv}
 BENCH_CACHE=${BENCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/exaserve-bench}
 CKPT=$BENCH_CACHE/bench
@@ -40,7 +40,7 @@ export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 
 if [[ ! -f $CKPT/model.safetensors ]]; then
   echo "== making the bench checkpoint in $CKPT"
-  "$EXASERVE_PYTHON" -m exaserve.cli make-tiny "$CKPT.tmp" --preset bench && mv "$CKPT.tmp" "$CKPT"
+  "$BENCH_PYTHON" -m exaserve.cli make-tiny "$CKPT.tmp" --preset bench && mv "$CKPT.tmp" "$CKPT"
 fi
 
 # Peak memory of a process tree: every 0.2 s, VmRSS (and PSS, which counts shared pages once) summed
@@ -110,7 +110,7 @@ bench() {
   t0=$(date +%s.%N)
   setsid "$@" >"$log" 2>&1 &
   pid=$!
-  "$EXASERVE_PYTHON" "$SAMPLER" "$pid" "$mem" &
+  "$BENCH_PYTHON" "$SAMPLER" "$pid" "$mem" &
   sampler=$!
   for _ in $(seq $((READY_TIMEOUT_S * 5))); do
     if ! kill -0 "$pid" 2>/dev/null; then break; fi
@@ -125,7 +125,7 @@ bench() {
     status=1
   else
     echo "   healthy after ${startup} s"
-    "$EXASERVE_PYTHON" "$ROOT/benchmarks/serve.py" --base-url "http://127.0.0.1:$PORT" --model bench \
+    "$BENCH_PYTHON" "$ROOT/benchmarks/serve.py" --base-url "http://127.0.0.1:$PORT" --model bench \
       --tokenizer "$CKPT" --dataset random --input-len 256 --output-len 128 --num-prompts "$NUM_PROMPTS" \
       --sweep-concurrency "$LEVELS" --label "$name" --result-file "$result" || status=$?
   fi
@@ -135,7 +135,7 @@ bench() {
   wait "$pid" 2>/dev/null || true
   wait "$sampler" 2>/dev/null || true
   if [[ -f $result ]]; then
-    "$EXASERVE_PYTHON" - "$result" "$mem" "$startup" "$log" <<'EOF'
+    "$BENCH_PYTHON" - "$result" "$mem" "$startup" "$log" <<'EOF'
 import json, sys
 result, mem, startup, log = sys.argv[1:]
 doc = json.load(open(result))
@@ -156,8 +156,8 @@ EOF
 if (( run_exaserve )); then
   rm -f "$RESULTS/exaserve.failed.json"
   # A one-time compile per machine (like installing vLLM), not part of the measured startup.
-  "$EXASERVE_PYTHON" -m exaserve.cli build-kernels >/dev/null
-  bench exaserve "$LOGS/exaserve.log" "$EXASERVE_PYTHON" -m exaserve.cli serve --model "$CKPT" \
+  "$BENCH_PYTHON" -m exaserve.cli build-kernels >/dev/null
+  bench exaserve "$LOGS/exaserve.log" "$BENCH_PYTHON" -m exaserve.cli serve --model "$CKPT" \
     --dtype bfloat16 --host 127.0.0.1 --port "$PORT" --served-model-name bench --max-num-seqs 32 \
     --max-num-batched-tokens 2048 --max-model-len "$MAX_MODEL_LEN" --kv-cache-memory "${KV_GIB}GiB" \
     || echo "!! exaserve run failed"
@@ -213,7 +213,7 @@ if (( run_vllm )); then
 fi
 
 # Side-by-side table (and results/compare.json) from whatever result files exist.
-"$EXASERVE_PYTHON" - "$RESULTS" <<'EOF'
+"$BENCH_PYTHON" - "$RESULTS" <<'EOF'
 import json, sys
 from pathlib import Path
 
@@ -277,4 +277,4 @@ files=("$RESULTS/exaserve.json")
 for s in vllm-default vllm-reserved0; do
   [[ -f $RESULTS/$s.json && ! -f $RESULTS/$s.failed.json ]] && files+=("$RESULTS/$s.json")
 done
-"$EXASERVE_PYTHON" "$ROOT/benchmarks/serve.py" --plot "${files[@]}" --plot-file "$RESULTS/compare.png"
+"$BENCH_PYTHON" "$ROOT/benchmarks/serve.py" --plot "${files[@]}" --plot-file "$RESULTS/compare.png"

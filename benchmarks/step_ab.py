@@ -6,7 +6,12 @@ Each (round, variant, batch) runs in a fresh process: `batch` greedy requests wi
 on the bench checkpoint (`exaserve make-tiny --preset bench`), prefilled, then `--repeats` timed runs of
 `--steps` decode steps each; the process reports its median ms per step. Variants run alternately, so a
 change in the host's load hits both; the table gives each variant's median over rounds and the ratio to
-the first variant. A variant is NAME=ENV where ENV is space-separated VAR=VALUE settings (may be empty).
+the first variant. A variant is NAME=ENV where ENV is space-separated VAR=VALUE settings (may be empty), or
+NAME@DIR=ENV to run the checkout in DIR instead of this one (its own benchmarks/step_ab.py as the child), which
+compares commits in one interleaved run:
+
+    git worktree add /tmp/base COMMIT
+    python benchmarks/step_ab.py --batch 1 8 32 --variant new= --variant base@/tmp/base=
 """
 from __future__ import annotations
 
@@ -25,9 +30,10 @@ DEFAULT_CKPT = Path(os.environ.get("BENCH_CACHE", Path.home() / ".cache" / "exas
 
 
 def child(args) -> None:
+    from exaserve.engine.config import EngineConfig
     from exaserve.engine.engine_core import EngineCore
     from exaserve.engine.sampling_params import SamplingParams
-    engine = EngineCore(str(args.model), max_num_seqs=max(args.batch), max_num_batched_tokens=2048)
+    engine = EngineCore(EngineConfig(str(args.model), max_num_seqs=max(args.batch), max_num_batched_tokens=2048))
     rng = random.Random(0)
     batch, vocab = args.batch[0], engine.model_config.vocab_size
     total = (args.repeats * args.steps + 20) * 2
@@ -47,12 +53,20 @@ def child(args) -> None:
     print(json.dumps({"ms": statistics.median(runs)}))
 
 
-def parse_variant(text: str) -> tuple[str, dict]:
-    name, _, env = text.partition("=")
-    if not name:
-        raise SystemExit(f"--variant {text!r}: use NAME=ENV (ENV may be empty)")
-    settings = dict(kv.split("=", 1) for kv in env.split())
-    return name, settings
+def parse_variant(text: str) -> tuple[str, Path, dict]:
+    """(name, the checkout to run, environment settings) of NAME[@DIR]=ENV."""
+    label, _, env = text.partition("=")
+    name, _, checkout = label.partition("@")
+    if not name or "=" not in text:
+        raise SystemExit(f"--variant {text!r}: use NAME=ENV or NAME@DIR=ENV (ENV may be empty)")
+    root = Path(checkout).resolve() if checkout else ROOT
+    if not (root / "benchmarks" / "step_ab.py").is_file():
+        raise SystemExit(f"--variant {text!r}: {root} has no benchmarks/step_ab.py (make a checkout of another "
+                         f"commit with `git worktree add DIR COMMIT`)")
+    bad = [kv for kv in env.split() if "=" not in kv]
+    if bad:
+        raise SystemExit(f"--variant {text!r}: {bad[0]!r} is not VAR=VALUE")
+    return name, root, dict(kv.split("=", 1) for kv in env.split())
 
 
 def main() -> None:
@@ -67,17 +81,17 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return child(args)
+    variants = [parse_variant(v) for v in args.variant] or [("current", ROOT, {})]
     if not args.model.exists():
         raise SystemExit(f"no checkpoint at {args.model}: make it with `exaserve make-tiny "
                          f"{args.model} --preset bench`")
-    variants = [parse_variant(v) for v in args.variant] or [("current", {})]
     times: dict[tuple[str, int], list[float]] = {}
     for r in range(args.rounds):
         for batch in args.batch:
-            for name, env in variants:
-                cmd = [sys.executable, __file__, "--child", "--model", str(args.model), "--batch", str(batch),
-                       "--steps", str(args.steps), "--repeats", str(args.repeats)]
-                done = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, cwd=ROOT)
+            for name, root, env in variants:
+                cmd = [sys.executable, str(root / "benchmarks" / "step_ab.py"), "--child", "--model", str(args.model),
+                       "--batch", str(batch), "--steps", str(args.steps), "--repeats", str(args.repeats)]
+                done = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, cwd=root)
                 if done.returncode != 0:
                     raise SystemExit(f"{name} batch {batch} failed:\n{done.stderr[-2000:]}")
                 ms = json.loads(done.stdout.strip().splitlines()[-1])["ms"]
@@ -87,7 +101,7 @@ def main() -> None:
     print(f"\n{'batch':>5s} {'variant':>12s} {'median ms':>10s} {'runs':>30s} {'vs ' + base:>10s}")
     for batch in args.batch:
         ref = statistics.median(times[(base, batch)])
-        for name, _ in variants:
+        for name, _, _ in variants:
             runs = times[(name, batch)]
             med = statistics.median(runs)
             print(f"{batch:5d} {name:>12s} {med:10.3f} {' '.join(f'{t:.2f}' for t in runs):>30s} "

@@ -18,6 +18,7 @@ import threading
 from collections import defaultdict
 from typing import AsyncIterator
 
+from exaserve.engine.config import EngineConfig
 from exaserve.engine.engine_core import EngineCore
 from exaserve.engine.outputs import DeltaOutput
 from exaserve.engine.sampling_params import SamplingParams
@@ -26,7 +27,10 @@ log = logging.getLogger("exaserve.engine")
 
 
 class AsyncEngine:
-    def __init__(self, model: str, **engine_args):
+    def __init__(self, model: str | EngineConfig, **engine_args):
+        """model: a checkpoint directory, with EngineConfig's options as keyword arguments; or an EngineConfig.
+        The config is validated here, in the caller's thread; the engine is built in the engine thread."""
+        config = EngineConfig.of(model, engine_args)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
@@ -37,7 +41,7 @@ class AsyncEngine:
 
         def start():
             try:
-                self.core = EngineCore(model, **engine_args)
+                self.core = EngineCore(config)
             except BaseException as e:  # handed to the constructor's caller
                 failure.append(e)
                 return
@@ -66,7 +70,7 @@ class AsyncEngine:
                 "load_seconds": core.load_seconds, "num_blocks": kv.paged.num_blocks,
                 "block_size": kv.paged.block_size, "paged_bytes": kv.paged.nbytes, "ring_slots": kv.ring.num_slots,
                 "ring_len": kv.ring.ring_len, "ring_bytes": kv.ring.nbytes, "max_model_len": core.max_model_len,
-                "num_speculative_tokens": core.num_spec_tokens}
+                "num_speculative_tokens": core.num_speculative_tokens}
 
     async def add_request(self, request_id: str, prompt_token_ids: list[int],
                           params: SamplingParams) -> AsyncIterator[DeltaOutput]:

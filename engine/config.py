@@ -1,13 +1,75 @@
-"""Model configuration of an `exaone_moe` checkpoint (config.json + generation_config.json)."""
+"""Configuration: `EngineConfig` (every engine knob, validated) and `ModelConfig` (an `exaone_moe` checkpoint's
+config.json + generation_config.json)."""
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 
 class ConfigError(ValueError):
     pass
+
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+KERNEL_BACKENDS = ("auto", "torch", "cpu", "triton")
+MAX_SPECULATIVE_TOKENS = 4
+
+
+@dataclass
+class EngineConfig:
+    """Every engine knob, validated on construction. The CLI builds one from its flags; `LLM(model, **kw)` and
+    `AsyncEngine(model, **kw)` from their keyword arguments (the same names)."""
+    model: str
+    dtype: str = "auto"                  # weights and KV cache; auto: the checkpoint's (on a CPU: see EngineCore)
+    device: str = "auto"                 # auto: cuda when available, else cpu
+    kernels: str | None = None           # kernel backend; None: $EXASERVE_KERNELS, else auto (exaserve.kernels)
+    max_model_len: int | None = None     # longest prompt + output; None: the model's max_position_embeddings
+    max_num_seqs: int = 64               # requests in one batch
+    max_num_batched_tokens: int = 2048   # tokens in one step
+    kv_cache_memory: int | None = None   # bytes for both KV pools; None: 90% of free GPU memory, 2 GiB on a CPU
+    block_size: int = 16                 # tokens per block of the paged (global-layer) pool
+    num_speculative_tokens: int = 0      # MTP draft tokens per step, 0 = off
+    spec_max_batch_size: int = 32        # no drafting in steps with more running requests than this
+
+    def __post_init__(self):
+        self.model = str(self.model)
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r}; use one of {', '.join(DTYPES)}")
+        if self.device != "auto":
+            try:
+                device = torch.device(self.device)
+            except RuntimeError:
+                device = None
+            if device is None or device.type not in ("cpu", "cuda"):
+                raise ConfigError(f"device={self.device!r}; use auto, cpu, cuda or cuda:N")
+        if self.kernels is not None and self.kernels not in KERNEL_BACKENDS:
+            raise ConfigError(f"kernels={self.kernels!r}; use one of {', '.join(KERNEL_BACKENDS)}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "spec_max_batch_size"):
+            _check_int(name, getattr(self, name), low=1)
+        for name in ("max_model_len", "kv_cache_memory"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), low=1)
+        _check_int("num_speculative_tokens", self.num_speculative_tokens, low=0, high=MAX_SPECULATIVE_TOKENS)
+
+    @classmethod
+    def of(cls, model: "str | Path | EngineConfig", options: dict) -> "EngineConfig":
+        """An EngineConfig as given, or built from a checkpoint path and keyword options."""
+        if isinstance(model, EngineConfig):
+            if options:
+                raise TypeError(f"options {sorted(options)} given beside an EngineConfig; set them in the config")
+            return model
+        return cls(model, **options)
+
+
+def _check_int(name: str, value, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise ConfigError(f"{name} must be {low}..{high}, got {value}" if high is not None
+                          else f"{name} must be >= {low}, got {value}")
 
 
 @dataclass

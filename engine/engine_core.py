@@ -8,10 +8,9 @@ import time
 from pathlib import Path
 
 import torch
-
-from exaserve import kernels
-
-from exaserve.engine.config import ModelConfig
+from exaserve.engine import envs
+from exaserve.engine.config import EngineConfig, ModelConfig
+from exaserve.engine.cpu_model import CpuModel
 from exaserve.engine.detokenizer import IncrementalDetokenizer
 from exaserve.engine.kv_cache import KVCache
 from exaserve.engine.loader import load_model, resolve_dtype
@@ -23,6 +22,8 @@ from exaserve.engine.sampling_params import SamplingParams
 from exaserve.engine.scheduler import Scheduler
 from exaserve.engine.tokenizer import Tokenizer
 
+from exaserve import kernels
+
 log = logging.getLogger("exaserve.engine")
 # Engines freeze the gc generations (see EngineCore.__init__); the final collection at exit must see those
 # objects again, or native bindings report them as leaked.
@@ -32,56 +33,50 @@ GiB = 1 << 30
 
 
 class EngineCore:
-    def __init__(self, model: str | Path, *, dtype: str = "auto", device: str = "auto", max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 kv_cache_memory: int | None = None, block_size: int = 16, num_speculative_tokens: int = 0,
-                 spec_max_batch_size: int = 32):
-        path = Path(model)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+    def __init__(self, config: EngineConfig, env: envs.Env | None = None):
+        """config: every engine knob; env: the EXASERVE_* settings (default: read from the environment now)."""
+        self.config = c = config
+        self.env = env = env or envs.read()
+        path = Path(c.model)
+        self.device = torch.device(c.device if c.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
         self.model_config = cfg = ModelConfig.from_pretrained(path)
         self.tokenizer = Tokenizer.from_pretrained(path)
-        stored = resolve_dtype(cfg.checkpoint_dtype if dtype == "auto" else dtype)
+        self.ops = kernels.select(c.kernels or env.kernels, self.device, env.cpu_ext_cflags)
+        stored = resolve_dtype(cfg.checkpoint_dtype if c.dtype == "auto" else c.dtype)
         self.weight_dtype = self.dtype = stored
-        cpu_kernels = self.device.type == "cpu" and kernels.backend(torch.empty(0)) == "cpu"
         if self.device.type == "cpu" and self.dtype != torch.float32:
             # CPUs without native bf16/fp16 matrix units run half-precision torch GEMMs 5-40x slower than fp32, so
             # activations are fp32 (self.dtype: activations and KV cache). The C++ kernels read bf16 weights
             # as they are (half the bytes per step, exact widening in registers); otherwise the weights are
             # upcast once at load, which is exact and costs only memory.
             self.dtype = torch.float32
-            if not (self.weight_dtype == torch.bfloat16 and cpu_kernels):
+            if not (self.weight_dtype == torch.bfloat16 and self.ops.name == "cpu"):
                 self.weight_dtype = torch.float32
             log.info("CPU: %s weights kept as %s, computed in float32", str(stored).removeprefix("torch."),
                      str(self.weight_dtype).removeprefix("torch."))
-        self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        if max_num_batched_tokens < 1 or max_num_seqs < 1:
-            raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        self.max_model_len = min(c.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
 
-        if not 0 <= num_speculative_tokens <= 4:
-            raise ValueError(f"num_speculative_tokens must be 0..4, got {num_speculative_tokens}")
         t0 = time.monotonic()
-        self.model = load_model(path, self.weight_dtype, self.device, cfg, act_dtype=self.dtype)
-        if num_speculative_tokens and self.model.mtp is None:
-            raise ValueError(f"num_speculative_tokens={num_speculative_tokens} needs the checkpoint's MTP block "
+        self.model = load_model(path, self.weight_dtype, self.device, cfg, act_dtype=self.dtype, ops=self.ops)
+        if c.num_speculative_tokens and self.model.mtp is None:
+            raise ValueError(f"num_speculative_tokens={c.num_speculative_tokens} needs the checkpoint's MTP block "
                              f"(mtp.* tensors), and {path} has none; use num_speculative_tokens=0")
-        self.num_spec_tokens = num_speculative_tokens
-        if cpu_kernels:
-            self.model.pack_for_cpu()
+        self.num_speculative_tokens = c.num_speculative_tokens
+        cpu_model = CpuModel(self.model, env.argmax_screen) if self.ops.name == "cpu" else None
         self.model.init_rope(self.max_model_len, self.device)
         self.load_seconds = time.monotonic() - t0
-        if kv_cache_memory is None:
-            kv_cache_memory = self._default_kv_memory()
-        self.kv = KVCache.create(cfg, kv_cache_memory=kv_cache_memory, max_num_seqs=max_num_seqs,
-                                 max_model_len=self.max_model_len, block_size=block_size,
-                                 max_rollback=num_speculative_tokens,
-                                 extra_ring_layers=1 if num_speculative_tokens else 0, dtype=self.dtype,
+        kv_cache_memory = c.kv_cache_memory if c.kv_cache_memory is not None else self._default_kv_memory()
+        self.kv = KVCache.create(cfg, kv_cache_memory=kv_cache_memory, max_num_seqs=c.max_num_seqs,
+                                 max_model_len=self.max_model_len, block_size=c.block_size,
+                                 max_rollback=c.num_speculative_tokens,
+                                 extra_ring_layers=1 if c.num_speculative_tokens else 0, dtype=self.dtype,
                                  device=self.device)
-        self.scheduler = Scheduler(self.kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.kv, self.device, num_speculative_tokens, spec_max_batch_size)
+        self.scheduler = Scheduler(self.kv, max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
+                                   max_model_len=self.max_model_len)
+        self.runner = ModelRunner(self.model, self.kv, self.device, c.num_speculative_tokens, c.spec_max_batch_size,
+                                  cpu_model)
         self.requests: dict[str, Request] = {}
-        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0, "aborted": 0, "steps": 0}
+        self.counters = {"aborted": 0, "steps": 0}
         # Everything allocated so far (modules, weights' Python objects, imported libraries) lives as long as the
         # engine: moving it out of the collector's generations keeps each collection, which the per-step
         # allocations trigger, from walking it (measured: ~5% of a batch-1 decode step went to gc).
@@ -150,49 +145,14 @@ class EngineCore:
         if not batch.requests:
             return []
         result = self.runner.execute(batch, before_forward)
+        drafts = self.runner.propose(batch, result) if self.num_speculative_tokens else None
         self.counters["steps"] += 1
         deltas = []
-        for s, (req, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
-            # rejected drafts roll back: their KV positions are overwritten by later steps
-            req.num_computed_tokens += n - result.num_rejected[s]
-            if req.num_computed_tokens <= len(req.prompt_token_ids):
-                self.counters["prompt_tokens"] += n
-            if not result.tokens[s]:
-                continue
-            for token, lp in zip(result.tokens[s], result.logprobs[s]):
-                self._append(req, token, lp)
-                if req.finished:              # a stop inside accepted drafts drops the tokens after it
-                    break
+        for req in self.scheduler.update(batch, result, drafts):
             deltas.append(self._delta(req))
             if req.finished:
                 del self.requests[req.request_id]
-        if self.num_spec_tokens:
-            self.runner.propose(batch, result)
         return deltas
-
-    def _append(self, req: Request, token: int, logprobs: dict | None) -> None:
-        p = req.params
-        req.append_token(token)
-        if req.first_token_time is None:
-            req.first_token_time = time.monotonic()
-        if logprobs is not None:
-            req.logprobs.append(logprobs)
-        self.counters["generation_tokens"] += 1
-        n_out = len(req.output_token_ids)
-        if n_out >= p.min_tokens:
-            if not p.ignore_eos and token in req.eos_token_ids:
-                return self._finish(req, "stop", None)
-            if p.stop_token_ids and token in p.stop_token_ids:
-                return self._finish(req, "stop", token)
-        stop_str = req.detok.add(token)
-        if stop_str is not None and n_out >= p.min_tokens:
-            return self._finish(req, "stop", stop_str)
-        if n_out >= p.max_tokens or req.num_tokens >= self.max_model_len:
-            return self._finish(req, "length", None)
-
-    def _finish(self, req: Request, reason: str, stop_reason) -> None:
-        self.scheduler.finish(req, reason, stop_reason)
-        self.counters["finished"] += 1
 
     def _delta(self, req: Request) -> DeltaOutput:
         new_ids = req.output_token_ids[req.num_sent:]
@@ -206,5 +166,6 @@ class EngineCore:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "blocks_used": kv.paged.num_used, "blocks_total": kv.paged.num_blocks,
                 "ring_slots_used": kv.ring.num_used, "ring_slots_total": kv.ring.num_slots,
-                "preemptions": self.scheduler.num_preemptions, **self.counters,
-                **(self.runner.spec_stats.as_dict() if self.num_spec_tokens else {})}
+                "preemptions": self.scheduler.num_preemptions, "prompt_tokens": self.scheduler.num_prompt_tokens,
+                "generation_tokens": self.scheduler.num_generation_tokens, "finished": self.scheduler.num_finished,
+                **self.counters, **(self.runner.spec_stats.as_dict() if self.num_speculative_tokens else {})}

@@ -13,7 +13,6 @@ from collections import deque
 from dataclasses import dataclass
 
 import torch
-
 from exaserve.engine.config import ModelConfig
 
 

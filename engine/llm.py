@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import itertools
 
+from exaserve.engine.config import EngineConfig
 from exaserve.engine.engine_core import EngineCore
 from exaserve.engine.outputs import CompletionOutput, RequestOutput
 from exaserve.engine.sampling_params import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str, **engine_args):
-        self.engine = EngineCore(model, **engine_args)
+    def __init__(self, model: str | EngineConfig, **engine_args):
+        """model: a checkpoint directory, with EngineConfig's options as keyword arguments; or an EngineConfig."""
+        self.engine = EngineCore(EngineConfig.of(model, engine_args))
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 

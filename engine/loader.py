@@ -12,9 +12,11 @@ import re
 from pathlib import Path
 
 import torch
-
 from exaserve.engine.config import ModelConfig
 from exaserve.engine.model import DecoderLayer, ExaoneMoeModel, MoE
+from exaserve.kernels import Ops
+
+from exaserve import kernels
 
 ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -84,7 +86,7 @@ def checkpoint_files(path: Path) -> dict[str, SafetensorsFile]:
 
 def _layer_targets(prefix: str, layer: DecoderLayer, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """On-disk name -> the view of our parameter it fills."""
-    a, nq, nkv, d = layer.attn, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
+    a, nq, nkv = layer.attn, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     t = {
         f"{prefix}.input_layernorm.weight": layer.input_norm.data,
         f"{prefix}.post_attention_layernorm.weight": layer.post_norm.data,
@@ -135,15 +137,17 @@ def weight_targets(model: ExaoneMoeModel) -> dict[str, torch.Tensor]:
 
 
 def load_model(path: str | Path, dtype="float32", device="cpu", cfg: ModelConfig | None = None,
-               act_dtype=None) -> ExaoneMoeModel:
-    """Weights in `dtype`; activations in `act_dtype` (default: the same)."""
+               act_dtype=None, ops: Ops | None = None) -> ExaoneMoeModel:
+    """Weights in `dtype`; activations in `act_dtype` (default: the same); ops: the kernel backend's op table
+    (default: the torch path)."""
     path = Path(path)
+    ops = ops or kernels.select("torch", device)
     cfg = cfg or ModelConfig.from_pretrained(path)
     dtype = resolve_dtype(dtype)
     files = checkpoint_files(path)
     with_mtp = any(name.startswith("mtp.") for name in files)
     with torch.device(device):
-        model = ExaoneMoeModel(cfg, dtype=dtype, with_mtp=with_mtp, act_dtype=act_dtype)
+        model = ExaoneMoeModel(ops, cfg, dtype=dtype, with_mtp=with_mtp, act_dtype=act_dtype)
     targets = weight_targets(model)
     ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
 

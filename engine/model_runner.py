@@ -1,28 +1,18 @@
-"""Turns a scheduled batch into flat tensors, runs the model once, samples or verifies drafts, drafts."""
+"""Turns a scheduled batch into flat tensors, runs the model once, samples or verifies drafts, drafts.
+
+The runner reads request state and returns results (StepResult, drafts); the scheduler applies them."""
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 import torch
-
-from exaserve import kernels
-
+from exaserve.engine.cpu_model import CpuModel
 from exaserve.engine.kv_cache import KVCache
 from exaserve.engine.model import AttnMetadata, ExaoneMoeModel
 from exaserve.engine.request import Request
 from exaserve.engine.sampler import Sampler, SamplingRow, plain_greedy
-from exaserve.engine.scheduler import ScheduledBatch
+from exaserve.engine.scheduler import ScheduledBatch, StepResult
 from exaserve.engine.spec_decode import SpecStats, verify
-
-
-@dataclass
-class StepResult:
-    """Per scheduled request, in batch order: the tokens it emits this step (empty while a prompt is still
-    being prefilled), their logprobs, and how many drafts were rejected (their KV positions are void)."""
-    tokens: list[list[int]]
-    logprobs: list[list[dict | None]]
-    num_rejected: list[int]
 
 
 def _row(r: Request) -> SamplingRow:
@@ -30,15 +20,18 @@ def _row(r: Request) -> SamplingRow:
 
 
 class ModelRunner:
-    def __init__(self, model: ExaoneMoeModel, kv: KVCache, device, num_spec_tokens: int = 0,
-                 spec_max_batch_size: int = 32):
+    def __init__(self, model: ExaoneMoeModel, kv: KVCache, device, num_speculative_tokens: int = 0,
+                 spec_max_batch_size: int = 32, cpu_model: CpuModel | None = None):
         self.model = model
+        self.cpu_model = cpu_model       # the C++ fast path of the same model, on the cpu backend
+        self.forward = cpu_model.forward if cpu_model is not None else model.forward   # no nn.Module hooks
         self.kv = kv
         self.device = torch.device(device)
-        self.sampler = Sampler(device=self.device)
-        self.num_spec_tokens = num_spec_tokens
+        self.argmax = model.ops.argmax
+        self.sampler = Sampler(device=self.device, argmax=self.argmax)
+        self.num_speculative_tokens = num_speculative_tokens
         self.spec_max_batch_size = spec_max_batch_size
-        self.spec_stats = SpecStats(num_spec_tokens)
+        self.spec_stats = SpecStats(num_speculative_tokens)
         self._hidden = None
 
     def _t(self, x, dtype=torch.int64):
@@ -102,22 +95,20 @@ class ModelRunner:
         m = len(batch)
         result = StepResult([[] for _ in range(m)], [[] for _ in range(m)], [0] * m)
         sample_rows = [_row(batch.requests[s]) for s in plain]
-        if plain and not spec and not self.num_spec_tokens:
+        if self.cpu_model is not None and plain and not spec and not self.num_speculative_tokens:
             # nothing needs the hidden states: on the C++ path the step is one call, up to the sampled rows'
             # logits, or up to their tokens when every one of them takes the plain argmax
             greedy = all(map(plain_greedy, sample_rows))
             input_ids, positions, meta, rows = self.prepare(batch, rows_plain)
-            out = self.model.rows_step(input_ids, positions, meta, self.kv, rows, greedy, before_forward)
-            if out is not None:
-                if greedy:
-                    for s, tok in zip(plain, out.tolist()):
-                        result.tokens[s], result.logprobs[s] = [tok], [None]
-                else:
-                    self._sampled(result, plain, self.sampler(out, sample_rows))
-                return result
-        else:
-            input_ids, positions, meta = self.prepare(batch)
-        hidden = self.model.forward(input_ids, positions, meta, self.kv, before_forward)  # no nn.Module hooks
+            out = self.cpu_model.rows_step(input_ids, positions, meta, self.kv, rows, greedy, before_forward)
+            if greedy:
+                for s, tok in zip(plain, out.tolist()):
+                    result.tokens[s], result.logprobs[s] = [tok], [None]
+            else:
+                self._sampled(result, plain, self.sampler(out, sample_rows))
+            return result
+        input_ids, positions, meta = self.prepare(batch)
+        hidden = self.forward(input_ids, positions, meta, self.kv, before_forward)
         self._hidden = hidden
         if plain:
             self._sampled(result, plain, self.sampler(self.model.compute_logits(hidden[rows_plain]), sample_rows))
@@ -130,8 +121,6 @@ class ModelRunner:
                 result.tokens[s], result.logprobs[s] = tok, lp
                 result.num_rejected[s] = len(d) + 1 - len(tok)
                 self.spec_stats.record(len(d), len(tok) - 1)
-        for r in batch.requests:
-            r.spec_token_ids = []
         return result
 
     @staticmethod
@@ -140,47 +129,58 @@ class ModelRunner:
             result.tokens[s], result.logprobs[s] = [tok], [lp]
 
     # -- MTP drafting -------------------------------------------------------------------------------------------
-    def propose(self, batch: ScheduledBatch, result: StepResult) -> None:
+    def propose(self, batch: ScheduledBatch, result: StepResult) -> list[list[int]]:
         """Runs the MTP block over every position this step made valid (keeping its KV current), then drafts
-        up to num_spec_tokens tokens for each request that is decoding, chaining the block on its own output."""
-        live = [(s, r) for s, r in enumerate(batch.requests) if not r.finished and r.ring_slot >= 0]
-        if not live:
-            return
-        starts, counts, ids, rows, reqs = [], [], [], [], []
+        up to num_speculative_tokens tokens for each request that is decoding, chaining the block on its own
+        output. Reads the requests as they were before `result` is applied; returns the drafts per request of
+        the batch (the scheduler hands them over in `update`)."""
+        drafts: list[list[int]] = [[] for _ in batch.requests]
+        starts, counts, ids, rows, live = [], [], [], [], []
         offsets = [0, *itertools.accumulate(batch.num_new_tokens)]
-        for s, r in live:
+        for s, r in enumerate(batch.requests):
+            if r.ring_slot < 0:
+                continue
             n = batch.num_new_tokens[s] - result.num_rejected[s]     # positions this step made valid
-            start = r.num_computed_tokens - n
+            start = r.num_computed_tokens
+            tokens = r.token_ids[start + 1:start + n + 1]
+            tokens += result.tokens[s][:n - len(tokens)]             # the tokens this step emitted
             starts.append(start)
             counts.append(n)
-            ids += r.token_ids[start + 1:start + n + 1]
+            ids += tokens
             rows += range(offsets[s], offsets[s] + n)
-            reqs.append(r)
+            live.append(s)
+        if not live:
+            return drafts
+        reqs = [batch.requests[s] for s in live]
         pos = [p for st, n in zip(starts, counts) for p in range(st, st + n)]
         ids_t, pos_t, meta = self._step_tensors(reqs, starts, counts, ids, pos)
         h = self.model.mtp_forward(ids_t, self._hidden[rows], pos_t, meta, self.kv)
         if len(reqs) > self.spec_max_batch_size:      # verifying would cost more than it saves
             self.spec_stats.disabled_steps += 1
-            return
-        last, drafting, budgets = [], [], []
+            return drafts
+        last, drafting, budgets, next_pos = [], [], [], []
         end = 0
-        for r, n in zip(reqs, counts):
+        for s, r, start, n in zip(live, reqs, starts, counts):
             end += n
-            k = min(self.num_spec_tokens, r.params.max_tokens - len(r.output_token_ids) - 1)
-            if r.num_computed_tokens == r.num_tokens - 1 and k > 0:
+            emitted = len(result.tokens[s])
+            k = min(self.num_speculative_tokens, r.params.max_tokens - len(r.output_token_ids) - emitted - 1)
+            if start + n == r.num_tokens + emitted - 1 and k > 0:   # every token but the last one computed
                 last.append(end - 1)
-                drafting.append(r)
+                drafting.append(s)
                 budgets.append(k)
+                next_pos.append(start + n)             # the first draft's own position
         if not drafting:
-            return
+            return drafts
         h = h[last]
+        reqs = [batch.requests[s] for s in drafting]
         for j in range(max(budgets)):
-            tokens = kernels.argmax(self.model.compute_logits(h))
-            for r, t, k in zip(drafting, tokens.tolist(), budgets):
+            tokens = self.argmax(self.model.compute_logits(h))
+            for s, t, k in zip(drafting, tokens.tolist(), budgets):
                 if j < k:
-                    r.spec_token_ids.append(t)
+                    drafts[s].append(t)
             if j + 1 == max(budgets):
                 break
-            pos = [r.num_tokens - 1 + j for r in drafting]      # the drafted token's own position
-            _, pos_t, meta = self._step_tensors(drafting, pos, [1] * len(drafting), [], pos)
+            pos = [p + j for p in next_pos]
+            _, pos_t, meta = self._step_tensors(reqs, pos, [1] * len(reqs), [], pos)
             h = self.model.mtp_forward(tokens, h, pos_t, meta, self.kv)
+        return drafts

@@ -10,9 +10,9 @@ Filtered tokens get -inf. Every stage is skipped when no row in the batch uses i
 from dataclasses import dataclass
 
 import torch
-
-from exaserve import kernels
 from exaserve.engine.sampling_params import SamplingParams
+
+from exaserve.kernels import torch_ops
 
 NEG_INF = float("-inf")
 
@@ -42,17 +42,18 @@ def make_generator(seed: int, device) -> torch.Generator:
 
 
 class Sampler:
-    def __init__(self, device=None):
+    def __init__(self, device=None, argmax=torch_ops.argmax):
         self.device = None if device is None else torch.device(device)  # None: sample where the logits are
+        self.argmax = argmax   # the kernel backend's row-wise argmax
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         logits = self._on_device(logits)
         x = self.process(logits, rows, copy=False)
-        token_ids = kernels.argmax(x)
+        token_ids = self.argmax(x)
         sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
         if sampled:
             probs = x[sampled].softmax(dim=-1)
-            token_ids[sampled] = kernels.argmax(probs / self._exponential_noise(probs, [rows[i] for i in sampled]))
+            token_ids[sampled] = self.argmax(probs / self._exponential_noise(probs, [rows[i] for i in sampled]))
         return SamplerOutput(token_ids.tolist(), self.logprobs(logits, rows, token_ids))
 
     def probs(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

@@ -3,9 +3,14 @@
 Every request carries `num_computed_tokens`; a step gives each request the tokens it still lacks (its whole
 remaining prompt chunked to the budget, or one decode token), so prefill chunks and decodes share a batch.
 When KV blocks run out, the newest running request is preempted: its cache is freed and it recomputes later.
+
+The scheduler owns request state: after each step, `update` alone applies what the step produced (token counts,
+rollback of rejected drafts, the new tokens and their stop conditions, the next drafts, finishing); the runner
+and the speculative decoder only return results.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -27,14 +32,28 @@ class ScheduledBatch:
         return len(self.requests)
 
 
+@dataclass
+class StepResult:
+    """What one step produced per scheduled request, in batch order (ModelRunner.execute): the tokens it emits
+    (empty while a prompt is still being prefilled), their logprobs, and how many drafts were rejected (their
+    KV positions are void)."""
+    tokens: list[list[int]]
+    logprobs: list[list[dict | None]]
+    num_rejected: list[int]
+
+
 class Scheduler:
-    def __init__(self, kv: KVCache, *, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, kv: KVCache, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int):
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.num_prompt_tokens = 0       # computed, counted once per chunk
+        self.num_generation_tokens = 0
+        self.num_finished = 0            # by a stop condition or length (not aborts)
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -115,6 +134,50 @@ class Scheduler:
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
+
+    def update(self, batch: ScheduledBatch, result: StepResult,
+               drafts: list[list[int]] | None = None) -> list[Request]:
+        """Apply one step's result: rejected drafts roll back (their KV positions are overwritten later), the new
+        tokens are appended and checked against the stop conditions (a stop inside accepted drafts drops the
+        tokens after it), finished requests release their memory, the others take their next drafts (`drafts`,
+        per request of the batch). Returns the requests that emitted tokens, in batch order."""
+        emitted = []
+        for s, (req, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+            req.num_computed_tokens += n - result.num_rejected[s]
+            if req.num_computed_tokens <= len(req.prompt_token_ids):
+                self.num_prompt_tokens += n
+            for token, logprobs in zip(result.tokens[s], result.logprobs[s]):
+                self._append(req, token, logprobs)
+                if req.finished:
+                    break
+            if result.tokens[s]:
+                emitted.append(req)
+            req.spec_token_ids = [] if req.finished or drafts is None else drafts[s]
+        return emitted
+
+    def _append(self, req: Request, token: int, logprobs: dict | None) -> None:
+        p = req.params
+        req.append_token(token)
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
+        if logprobs is not None:
+            req.logprobs.append(logprobs)
+        self.num_generation_tokens += 1
+        n_out = len(req.output_token_ids)
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in req.eos_token_ids:
+                return self._stop(req, "stop", None)
+            if p.stop_token_ids and token in p.stop_token_ids:
+                return self._stop(req, "stop", token)
+        stop_str = req.detok.add(token)
+        if stop_str is not None and n_out >= p.min_tokens:
+            return self._stop(req, "stop", stop_str)
+        if n_out >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            return self._stop(req, "length", None)
+
+    def _stop(self, req: Request, reason: str, stop_reason) -> None:
+        self.finish(req, reason, stop_reason)
+        self.num_finished += 1
 
     def finish(self, req: Request, reason: str, stop_reason=None) -> None:
         """Finished or aborted: everything it holds goes back at once."""

@@ -11,14 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-
 from exaserve.engine.sampler import Sampler, SamplingRow
 
 
 @dataclass
 class SpecStats:
     """Counters for metrics and the periodic log line."""
-    num_spec_tokens: int
+    num_speculative_tokens: int
     proposed: list[int] = field(default_factory=list)     # drafts verified, per draft position
     accepted: list[int] = field(default_factory=list)     # of which accepted, per draft position
     verify_events: int = 0                                # (request, step) pairs that verified drafts
@@ -26,8 +25,8 @@ class SpecStats:
     disabled_steps: int = 0                               # steps where the batch was too large to draft
 
     def __post_init__(self):
-        self.proposed = [0] * self.num_spec_tokens
-        self.accepted = [0] * self.num_spec_tokens
+        self.proposed = [0] * self.num_speculative_tokens
+        self.accepted = [0] * self.num_speculative_tokens
 
     def record(self, num_drafts: int, num_accepted: int) -> None:
         self.verify_events += 1
@@ -38,7 +37,7 @@ class SpecStats:
 
     def as_dict(self) -> dict:
         rates = [a / p if p else 0.0 for a, p in zip(self.accepted, self.proposed)]
-        return {"num_spec_tokens": self.num_spec_tokens, "drafts_proposed": sum(self.proposed),
+        return {"num_speculative_tokens": self.num_speculative_tokens, "drafts_proposed": sum(self.proposed),
                 "drafts_accepted": sum(self.accepted), "acceptance_per_position": rates,
                 "mean_emitted_per_verify": self.emitted / self.verify_events if self.verify_events else 0.0,
                 "spec_disabled_steps": self.disabled_steps}

@@ -1,6 +1,7 @@
 """`exaserve` command line: `serve` runs the OpenAI-compatible server, `make-tiny` writes a test checkpoint."""
 
 import argparse
+import dataclasses
 import asyncio
 import logging
 import os
@@ -35,21 +36,29 @@ def _positive(text: str) -> int:
 
 
 def _serve_parser() -> argparse.ArgumentParser:
+    from exaserve.engine import envs
+
     parser = argparse.ArgumentParser(prog="exaserve serve", description="Serve an EXAONE-MoE checkpoint over the "
-                                     "OpenAI API. Without --model: a built-in tiny random checkpoint.")
+                                     "OpenAI API. Without --model: a built-in tiny random checkpoint.",
+                                     epilog="environment variables:\n" + envs.describe(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="checkpoint directory (Hugging Face layout)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                         help="weights and KV cache; auto: the checkpoint's")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    parser.add_argument("--kernels", choices=["auto", "torch", "cpu", "triton"],
+                        help="kernel backend (default: $EXASERVE_KERNELS, else auto: triton on CUDA, the C++ kernels "
+                        "on a CPU)")
     parser.add_argument("--max-model-len", type=_positive, help="longest prompt + output (default: the model's)")
     parser.add_argument("--max-num-seqs", type=_positive, default=64, help="requests in one batch")
     parser.add_argument("--max-num-batched-tokens", type=_positive, default=2048, help="tokens in one step")
+    parser.add_argument("--block-size", type=_positive, default=16, help="tokens per KV block (global layers)")
     parser.add_argument("--kv-cache-memory", type=_bytes,
                         help="bytes for both KV pools, e.g. 40GiB (default: 90%% of free GPU memory, 2GiB on CPU)")
     parser.add_argument("--served-model-name", help="the name clients send as `model` (default: --model)")
-    parser.add_argument("--api-key", default=os.environ.get("EXASERVE_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' (default: $EXASERVE_API_KEY)")
+    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $EXASERVE_API_KEY)")
     parser.add_argument("--chat-template", type=Path, help="a Jinja2 file that replaces the checkpoint's template")
     parser.add_argument("--num-speculative-tokens", type=int, default=0, choices=range(5),
                         help="MTP draft tokens per step, 0 = off (needs the checkpoint's mtp.* weights)")
@@ -138,8 +147,15 @@ def serve(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
 
-    from exaserve.engine import AsyncEngine
+    from exaserve.engine import AsyncEngine, envs
+    from exaserve.engine.config import EngineConfig
     from exaserve.server.app import build_app
+
+    try:
+        env = envs.read()
+    except ValueError as exc:
+        sys.exit(f"exaserve: {exc}")
+    api_key = args.api_key or env.api_key
 
     chat_template = None
     if args.chat_template is not None:
@@ -154,23 +170,19 @@ def serve(argv: list[str]) -> int:
                  model)
     else:
         model, name = Path(args.model), args.served_model_name or args.model
-    engine_args = {"dtype": args.dtype, "max_num_seqs": args.max_num_seqs,
-                   "max_num_batched_tokens": args.max_num_batched_tokens, "max_model_len": args.max_model_len,
-                   "kv_cache_memory": args.kv_cache_memory,
-                   "num_speculative_tokens": args.num_speculative_tokens,
-                   "spec_max_batch_size": args.spec_max_batch_size}
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if hasattr(args, f.name)}
     try:
-        engine = AsyncEngine(str(model), **{k: v for k, v in engine_args.items() if v is not None})
-    except (OSError, ValueError) as exc:  # no checkpoint there, a config we cannot serve, pools that do not fit
+        engine = AsyncEngine(EngineConfig(**{**options, "model": str(model)}))
+    except (OSError, ValueError) as exc:  # no checkpoint, a config we cannot serve, a backend or pools that do not fit
         sys.exit(f"exaserve: cannot serve {model}: {exc}")
     info = engine.describe()
     log.info("Loaded %s in %.1f s on %s (%s)", model, info["load_seconds"], info["device"], info["dtype"])
     log.info(_describe_pools(info))
-    app = build_app(engine, served_model_name=name, api_key=args.api_key, chat_template=chat_template,
+    app = build_app(engine, served_model_name=name, api_key=api_key, chat_template=chat_template,
                     max_queue=args.max_queue)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_config=None))
     log.info("Serving %r on http://%s:%d (OpenAI API under /v1)%s", name, args.host, args.port,
-             "; API key required" if args.api_key else "")
+             "; API key required" if api_key else "")
     try:
         _run_loop(_run(server, engine))
     finally:
@@ -182,8 +194,9 @@ def build_kernels(argv: list[str]) -> int:
     """Compile the C++ CPU kernels now (otherwise the first CPU server or engine does it, ~30-60 s once)."""
     argparse.ArgumentParser(prog="exaserve build-kernels", description=build_kernels.__doc__).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from exaserve.engine import envs
     from exaserve.kernels import cpu
-    module = cpu.load()
+    module = cpu.load(envs.read().cpu_ext_cflags)
     if module is None:
         print("exaserve: the C++ CPU kernels did not build (see the warning above); the torch path will be used",
               file=sys.stderr)

@@ -27,9 +27,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def _not_packed(weight) -> None:
     if getattr(weight, "exa_packed", False):
-        raise RuntimeError("this weight is packed for the C++ CPU kernels (kernels/cpu_ops.py), which the model "
-                           "was loaded for; the torch path cannot read it (was EXASERVE_KERNELS changed after "
-                           "loading?)")
+        raise RuntimeError("this weight is packed for the C++ CPU kernels (kernels/cpu_ops.py); the torch path "
+                           "cannot read it (only a model built with the cpu backend's ops may be packed)")
 
 
 def mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

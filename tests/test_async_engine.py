@@ -57,11 +57,12 @@ def test_outputs_are_handed_over_as_the_next_step_computes(tiny):
     never later, and never after a later step's outputs."""
     engine = AsyncEngine(tiny, dtype="float32", max_num_seqs=4)
     events = []
-    step, model = engine.core.step, engine.core.model
+    step, runner = engine.core.step, engine.core.runner
     engine.core.step = lambda before_forward=None: events.append("step") or step(before_forward)
-    for name in ("forward", "rows_step"):  # the model runs through one of them (rows_step: one C++ call)
-        run = getattr(model, name)
-        setattr(model, name, lambda *a, run=run, **k: events.append("forward") or run(*a, **k))
+    # the model runs through one of them (rows_step: the whole step in one C++ call)
+    for owner, name in [(runner, "forward"), *([(runner.cpu_model, "rows_step")] if runner.cpu_model else [])]:
+        run = getattr(owner, name)
+        setattr(owner, name, lambda *a, run=run, **k: events.append("forward") or run(*a, **k))
 
     async def one(rid, n):
         seen = []

@@ -96,9 +96,10 @@ def test_moe_with_shared_expert_and_mlp(T, wdtype):
     check(cpu_ops.moe(x, w13, w2, weights, ids, sgu, sd),
           ref.fused_moe(x, widened(w13), widened(w2), weights, ids) + shared, torch.float32)
     check(cpu_ops.mlp(x, sgu, sd), shared, torch.float32)
-    # the dispatcher's composite (fused_moe + mlp) is what other devices run
-    check(kernels.moe(x, w13, w2, weights, ids, sgu, sd), cpu_ops.moe(x, w13, w2, weights, ids, sgu, sd),
-          torch.float32)
+    # the composite of backends without a fused MoE block (fused_moe + mlp), here the torch path's
+    torch_moe = kernels.select("torch", "cpu").moe
+    check(torch_moe(x, widened(w13), widened(w2), weights, ids, widened(sgu), widened(sd)),
+          cpu_ops.moe(x, w13, w2, weights, ids, sgu, sd), torch.float32)
 
 
 def test_moe_rejects_bad_expert_id():
@@ -344,7 +345,8 @@ def test_fused_layers_match_per_op_path(tmp_path):
     make_hf_checkpoint(tmp_path, num_attention_heads=8, num_key_value_heads=2, head_dim=16, sliding_window=6,
                        num_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2)
     llm = LLM(str(tmp_path), dtype="float32", max_num_seqs=4, max_num_batched_tokens=16, block_size=4)
-    assert llm.engine.model._cpu_layers is not None
+    runner = llm.engine.runner
+    assert runner.cpu_model is not None
     prompts = [[(5 * i + 7 * j) % 90 + 3 for j in range(n)] for i, n in enumerate([3, 11, 20, 7])]
     params = SamplingParams(max_tokens=10, temperature=0.0, logprobs=0, ignore_eos=True)
 
@@ -353,7 +355,7 @@ def test_fused_layers_match_per_op_path(tmp_path):
         return [o.token_ids for o in outs], [[lp[t] for lp, t in zip(o.logprobs, o.token_ids)] for o in outs]
 
     fused = run()
-    llm.engine.model._cpu_layers = None            # the per-op path over the same packed weights
+    runner.cpu_model, runner.forward = None, llm.engine.model.forward    # per op, over the same packed weights
     per_op = run()
     assert fused[0] == per_op[0]
     assert max(abs(a - b) for xs, ys in zip(fused[1], per_op[1]) for a, b in zip(xs, ys)) < 1e-4
@@ -369,9 +371,10 @@ def test_one_call_steps_match_forward_then_sampler(tmp_path, monkeypatch):
     make_hf_checkpoint(tmp_path, num_attention_heads=8, num_key_value_heads=2, head_dim=16, sliding_window=6,
                        num_experts=8, num_experts_per_tok=2)
     llm = LLM(str(tmp_path), dtype="bfloat16", max_num_seqs=4, max_num_batched_tokens=16, block_size=4)
-    model = llm.engine.model
+    runner = llm.engine.runner
+    model, cpu_model = llm.engine.model, runner.cpu_model
     calls = []
-    rows_step = model.rows_step
+    rows_step = cpu_model.rows_step
     prompts = [[(5 * i + 7 * j) % 90 + 3 for j in range(n)] for i, n in enumerate([3, 11, 20, 7])]
     greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     mixed = [greedy, SamplingParams(max_tokens=12, temperature=0.0, logprobs=2, ignore_eos=True), greedy,
@@ -379,16 +382,20 @@ def test_one_call_steps_match_forward_then_sampler(tmp_path, monkeypatch):
 
     def run(params, one_call: bool):
         calls.clear()
-        monkeypatch.setattr(model, "rows_step", lambda *a: calls.append(a[5]) or rows_step(*a) if one_call else None)
+        if one_call:
+            monkeypatch.setattr(cpu_model, "rows_step", lambda *a: calls.append(a[5]) or rows_step(*a))
+        else:  # the C++ decoder stack, then compute_logits and the sampler in Python
+            monkeypatch.setattr(runner, "cpu_model", None)
         outs = [o.outputs[0] for o in llm.generate(prompts, params)]
         return [o.token_ids for o in outs], [o.logprobs for o in outs]
 
     fused = run(greedy, True)
     assert len(calls) >= 12 and all(calls)                  # every step: argmax in C++
-    assert len(model._argmax_screen) == 3                   # through the lm_head's int8 screen
-    assert run(greedy, False) == fused                      # None: what a model off the C++ path answers
+    assert len(cpu_model.screen) == 3                       # through the lm_head's int8 screen
+    assert run(greedy, False) == fused
     assert not calls
-    monkeypatch.setattr(model, "_argmax_screen", ())        # every logit computed
+    monkeypatch.undo()
+    monkeypatch.setattr(cpu_model, "screen", ())            # every logit computed
     assert run(greedy, True) == fused
     monkeypatch.undo()
     tokens, logprobs = run(mixed, True)

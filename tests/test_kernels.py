@@ -203,39 +203,51 @@ def test_write_kv(pool, dtype):
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
 
 
-# -- dispatch -----------------------------------------------------------------------------------------------
+# -- the backend registry -----------------------------------------------------------------------------------
 
-def test_dispatch_env(monkeypatch):
-    x = torch.ones(2, device=DEVICE)
-    monkeypatch.delenv("EXASERVE_KERNELS", raising=False)
-    cpu_path = "cpu" if kernels.cpu.available() else "torch"
-    assert kernels.backend(x) == ("triton" if DEVICE == "cuda" else cpu_path)
-    assert kernels.backend(torch.ones(2)) == cpu_path
-    assert kernels.backend(torch.ones(2, dtype=torch.bfloat16)) == "torch"   # C++ kernels take fp32 activations
-    for mode in ("torch", "triton", "cpu"):
-        monkeypatch.setenv("EXASERVE_KERNELS", mode)
-        assert kernels.backend(x) == mode
-    monkeypatch.setenv("EXASERVE_KERNELS", "cuda")
-    with pytest.raises(ValueError):
-        kernels.backend(x)
+def test_backend_tables():
+    """Each backend's table holds its own kernels and the torch path for ops it has none of; auto picks triton on
+    CUDA and the C++ kernels on a CPU (torch where they did not build)."""
+    torch_ops = kernels.select("torch", DEVICE)
+    assert torch_ops.name == "torch" and torch_ops.rms_norm is ref.rms_norm and torch_ops.moe_route is ref.moe_route
+    tri = kernels.select("triton", DEVICE)              # on a CPU: TRITON_INTERPRET=1 (tests/conftest.py)
+    assert tri.name == "triton" and tri.rms_norm is triton_norm.rms_norm
+    assert tri.fused_moe is triton_moe.fused_moe and tri.paged_attention is triton_attention.paged_attention
+    assert tri.moe_route is ref.moe_route and tri.argmax is ref.argmax        # no Triton kernel: torch
+    auto = kernels.select("auto", DEVICE).name
+    assert auto == ("triton" if DEVICE == "cuda" else "cpu" if kernels.cpu.available() else "torch")
 
 
-def test_dispatch_routes_to_triton(monkeypatch):
+def test_composite_ops_use_their_backends_kernels(monkeypatch):
+    """mlp and moe of a backend without fused versions are made of that backend's own kernels."""
     calls = []
-    monkeypatch.setattr(triton_norm, "rms_norm", lambda *a: calls.append(a) or "triton")
-    monkeypatch.setenv("EXASERVE_KERNELS", "triton")
-    x, w = randn(2, 8), randn(8)
-    assert kernels.rms_norm(x, w, 1e-5) == "triton" and len(calls) == 1
-    monkeypatch.setenv("EXASERVE_KERNELS", "torch")
-    assert torch.equal(kernels.rms_norm(x, w, 1e-5), ref.rms_norm(x, w, 1e-5))
+    silu = triton_norm.silu_and_mul
+    monkeypatch.setattr(triton_norm, "silu_and_mul", lambda x: calls.append(x.shape) or silu(x))
+    tri = kernels.select("triton", DEVICE)
+    x, gate_up, down = randn(3, 16), randn(32, 16), randn(16, 16)
+    check(tri.mlp(x, gate_up, down), ref.mlp(x, gate_up, down), torch.float32)
+    assert calls == [(3, 32)]
+
+
+def test_a_backend_that_cannot_run_here_is_a_clear_error(monkeypatch):
+    with pytest.raises(kernels.BackendError, match="unknown kernel backend 'cuda'"):
+        kernels.select("cuda", DEVICE)
+    with pytest.raises(kernels.BackendError, match="the cpu backend runs on the CPU"):
+        kernels.select("cpu", "cuda")
+    if DEVICE == "cpu":
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(kernels.BackendError, match="need a CUDA device"):
+            kernels.select("triton", "cpu")
 
 
 def test_kernels_import_without_triton():
     code = ("import sys; sys.modules['triton'] = None\n"
             "import torch\nfrom exaserve import kernels\n"
             "assert not kernels.HAS_TRITON\n"
-            "print(kernels.rms_norm(torch.ones(2, 4), torch.ones(4), 1e-5).sum().item())\n")
-    env = {k: v for k, v in os.environ.items() if k != "EXASERVE_KERNELS"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+            "try:\n    kernels.select('triton', 'cpu')\nexcept kernels.BackendError as e:\n    print(e)\n"
+            "print(kernels.select('auto', 'cpu').rms_norm(torch.ones(2, 4), torch.ones(4), 1e-5).sum().item())\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert float(res.stdout) == pytest.approx(8.0, rel=1e-4)
+    message, total = res.stdout.strip().splitlines()
+    assert "triton is not installed" in message
+    assert float(total) == pytest.approx(8.0, rel=1e-4)

@@ -1,4 +1,4 @@
-"""benchmarks/step_ab.py: variants alternate in fresh processes with their own environment."""
+"""benchmarks/step_ab.py: variants alternate in fresh processes with their own environment or checkout."""
 import subprocess
 import sys
 from pathlib import Path
@@ -18,22 +18,25 @@ def run(*args):
 def test_variants_alternate_and_table(tmp_path):
     ckpt = make_tiny_checkpoint(tmp_path / "m", preset="tiny", dtype="bfloat16", with_mtp=False)
     done = run("--model", str(ckpt), "--batch", "1", "2", "--rounds", "2", "--steps", "3", "--repeats", "2",
-               "--variant", "a=", "--variant", "b=EXASERVE_ARGMAX_SCREEN=0 EXASERVE_KERNELS=torch")
+               "--variant", "a=", "--variant", "b=EXASERVE_ARGMAX_SCREEN=0 EXASERVE_KERNELS=torch",
+               "--variant", f"c@{ROOT}=")
     assert done.returncode == 0, done.stderr
     runs = [line.split() for line in done.stdout.splitlines() if line.startswith("round")]
     # round r, batch, variant: a before b within each batch of each round
     assert [(r[1], r[3], r[4]) for r in runs] == [(str(r), str(b), v) for r in (1, 2) for b in (1, 2)
-                                                  for v in ("a", "b")]
+                                                  for v in ("a", "b", "c")]
     table = [line.split() for line in done.stdout.split("vs a")[1].strip().splitlines()]
-    assert [(t[0], t[1]) for t in table] == [("1", "a"), ("1", "b"), ("2", "a"), ("2", "b")]
+    assert [(t[0], t[1]) for t in table] == [(b, v) for b in ("1", "2") for v in ("a", "b", "c")]
     assert all(t[-1] == "1.00x" for t in table if t[1] == "a")
     assert all(float(x) > 0 for t in table for x in t[2:-1])
 
 
 @pytest.mark.parametrize("args, message", [
     (["--variant", "=X=1"], "use NAME=ENV"),
+    (["--variant", "a=X"], "'X' is not VAR=VALUE"),
+    (["--variant", "a@/nonexistent="], "/nonexistent has no benchmarks/step_ab.py"),
     (["--model", "/nonexistent/ckpt"], "no checkpoint at /nonexistent/ckpt"),
 ])
-def test_bad_arguments(args, message):
-    done = run(*args)
+def test_bad_arguments(args, message, tmp_path):
+    done = run(*args, "--model", str(tmp_path / "none")) if "--model" not in args else run(*args)
     assert done.returncode != 0 and message in done.stderr

@@ -1,7 +1,7 @@
 """The engine on the Triton kernels gives the torch path's greedy tokens (and logprobs to ~1e-4).
 
 On CPU the kernels run in the interpreter (tests/conftest.py), so the model is tiny; on CUDA a mid-size
-model runs as well. Both engines live in one process: kernels read EXASERVE_KERNELS at call time.
+model runs as well. Both engines live in one process, each with the kernel backend it was built with.
 """
 import random
 
@@ -24,9 +24,8 @@ MODELS = {
 }
 
 
-def _generate(path, prompts, mode, monkeypatch):
-    monkeypatch.setenv("EXASERVE_KERNELS", mode)
-    llm = LLM(str(path), dtype="float32", max_num_seqs=4, max_num_batched_tokens=16, block_size=4)
+def _generate(path, prompts, mode):
+    llm = LLM(str(path), dtype="float32", max_num_seqs=4, max_num_batched_tokens=16, block_size=4, kernels=mode)
     params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=0, ignore_eos=True)
     outs = [o.outputs[0] for o in llm.generate(prompts, params)]
     return [o.token_ids for o in outs], [[lp[t] for lp, t in zip(o.logprobs, o.token_ids)] for o in outs]
@@ -34,7 +33,7 @@ def _generate(path, prompts, mode, monkeypatch):
 
 @pytest.mark.parametrize("size", [
     "tiny", pytest.param("mid", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
-def test_triton_engine_matches_torch_path(size, tmp_path, monkeypatch):
+def test_triton_engine_matches_torch_path(size, tmp_path):
     overrides = dict(MODELS[size])
     make_hf_checkpoint(tmp_path, **overrides)
     vocab = overrides.get("vocab_size", 96)
@@ -42,8 +41,8 @@ def test_triton_engine_matches_torch_path(size, tmp_path, monkeypatch):
     # three prompts: 21 tokens (chunked over steps of 16, past the window), 3 and 11; decodes of some
     # requests share steps with prefill chunks of others
     prompts = [[rng.randrange(2, vocab) for _ in range(n)] for n in (21, 3, 11)]
-    torch_tokens, torch_lps = _generate(tmp_path, prompts, "torch", monkeypatch)
-    triton_tokens, triton_lps = _generate(tmp_path, prompts, "triton", monkeypatch)
+    torch_tokens, torch_lps = _generate(tmp_path, prompts, "torch")
+    triton_tokens, triton_lps = _generate(tmp_path, prompts, "triton")
     assert triton_tokens == torch_tokens
     diff = max(abs(a - b) for x, y in zip(triton_lps, torch_lps) for a, b in zip(x, y))
     assert diff < 1e-4
