@@ -147,7 +147,7 @@ void screened_argmax_impl(const torch::Tensor& x, const int8_t* qp, const float*
   }
   std::vector<float> hi(size_t(M) * P), lo(size_t(M) * P);  // per (row, panel): max of A + b, of A - b
   const float slack = std::ldexp(1.0f, -18);
-  const int mb = cdiv(M, BM), pp = panels_per_item(int64_t(P) * mb, 16), nb = cdiv(P, pp);
+  const int mb = cdiv(M, BM), pp = panels_per_item(int64_t(P) * mb, GEMM_PANELS_PER_ITEM), nb = cdiv(P, pp);
   parallel_items(int64_t(mb) * nb, [&](int64_t item) {
     const int m0 = (item % mb) * BM, p0 = (item / mb) * pp;
     const int bm = std::min(BM, M - m0), p1 = std::min(P, p0 + pp), n = std::min<int64_t>(V, int64_t(p1) * PW) - p0 * PW;

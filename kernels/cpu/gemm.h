@@ -185,9 +185,9 @@ void parallel_items(int64_t n, F&& fn) {
 
 int cdiv(int64_t a, int64_t b) { return int((a + b - 1) / b); }
 
-// Panels per work item: about 8 items per thread, at most `hi` panels.
+// Panels per work item: about ITEMS_PER_THREAD items per thread, at most `hi` panels.
 int panels_per_item(int64_t total_panels, int hi) {
-  return std::clamp(cdiv(total_panels, 8 * num_threads()), 1, hi);
+  return std::clamp(cdiv(total_panels, ITEMS_PER_THREAD * num_threads()), 1, hi);
 }
 
 
@@ -239,7 +239,7 @@ void linear_impl(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& 
   const W* wp = reinterpret_cast<const W*>(w.data_ptr());
   float* op = out.data_ptr<float>();
   const int mb = cdiv(M, BM), P = cdiv(N, PW);
-  const int pp = panels_per_item(int64_t(P) * mb, 16), nb = cdiv(P, pp);
+  const int pp = panels_per_item(int64_t(P) * mb, GEMM_PANELS_PER_ITEM), nb = cdiv(P, pp);
   parallel_items(int64_t(mb) * nb, [&](int64_t item) {
     const int m0 = (item % mb) * BM, p0 = (item / mb) * pp;
     const int bm = std::min(BM, M - m0), p1 = std::min(P, p0 + pp);

@@ -36,7 +36,8 @@ template <typename W>
 void run_groups(const float* x, int64_t ldx, int H, std::vector<Group>& groups, float* inter, float* part) {
   int64_t total = 0;
   for (const Group& G : groups) total += cdiv(G.I, PW);
-  const int JP = panels_per_item(total, 4), HP = panels_per_item(int64_t(groups.size()) * cdiv(H, PW), 4);
+  const int JP = panels_per_item(total, MOE_PANELS_PER_ITEM);
+  const int HP = panels_per_item(int64_t(groups.size()) * cdiv(H, PW), MOE_PANELS_PER_ITEM);
   const int JB = JP * PW, HB = HP * PW;
   // phase 1: inter = silu(x W_gate^T) * (x W_up^T); w13 packed in two parts (gate, up) of I rows
   std::vector<std::pair<int, int>> items;

@@ -1,7 +1,7 @@
 // Tuning constants of the CPU kernels, in one place, each with why it has its value. The EXA_* macros can be
 // set without editing: EXASERVE_CPU_EXT_CFLAGS=-DEXA_PREFETCH=64 builds (in its own folder) with that value.
-// Work-split literals that sit inline in the code (panels_per_item's ~8 items per thread and each caller's cap
-// on panels per item, at::parallel_for grain sizes, ukernel's row tiles) stay at their use sites.
+// The at::parallel_for grain sizes of the small elementwise ops and ukernel's 12/8/4/2/1-row register tiles
+// stay at their use sites (they follow from the loop, not from measurement).
 #pragma once
 
 namespace {
@@ -32,6 +32,12 @@ constexpr int PREFETCH = EXA_PREFETCH;
 constexpr int WIDEN_ROWS = EXA_WIDEN_ROWS;
 // Rows of x per work item: the block of x stays in L2 while the item's panels stream past it.
 constexpr int BM = 256;
+// Work items per thread when panels are split between threads (dynamic scheduling evens out the threads).
+constexpr int ITEMS_PER_THREAD = 8;
+// The most panels in one work item: in dense GEMMs and the argmax screen, and in the MoE block's expert groups
+// (smaller items there, where each expert's group of rows is short).
+constexpr int GEMM_PANELS_PER_ITEM = 16;
+constexpr int MOE_PANELS_PER_ITEM = 4;
 
 // ----- Attention (attention.h) -----
 
