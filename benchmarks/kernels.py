@@ -18,6 +18,7 @@ import importlib
 import json
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -86,8 +87,8 @@ def moe_cases(device, dtype, H, E, k, widths, Ms, with_triton):
             touched = ids.unique().numel()
             nbytes = touched * 3 * N * H * el + 2 * M * H * el
             flops = 2 * M * k * 3 * N * H
-            yield Case("fused_moe", f"E{E} N{N} M{M}", lambda x=x, w=w, ids=ids: ref.fused_moe(x, w13, w2, w, ids),
-                       tri and (lambda x=x, w=w, ids=ids: tri(x, w13, w2, w, ids)), nbytes, flops)
+            yield Case("fused_moe", f"E{E} N{N} M{M}", partial(ref.fused_moe, x, w13, w2, w, ids),
+                       tri and partial(tri, x, w13, w2, w, ids), nbytes, flops)
         del w13, w2
 
 
@@ -106,8 +107,9 @@ def paged_cases(device, dtype, nq, nkv, d, page, shapes, with_triton):
         args = (q, k_cache, v_cache, tables, seq_lens, qsl, d ** -0.5)
         visible = B * sum(L - n + 1 + i for i in range(n))
         nbytes = 2 * B * L * nkv * d * el + 2 * q.numel() * el
-        yield Case("paged_attn", f"B{B} L{L // 1024}K q{n}" if L >= 1024 else f"B{B} L{L} q{n}", lambda a=args: ref.paged_attention(*a),
-                   tri and (lambda a=args: tri(*a)), nbytes, 4 * visible * nq * d)
+        name = f"B{B} L{L // 1024}K q{n}" if L >= 1024 else f"B{B} L{L} q{n}"
+        yield Case("paged_attn", name, partial(ref.paged_attention, *args), tri and partial(tri, *args), nbytes,
+                   4 * visible * nq * d)
         del k_cache, v_cache
 
 

@@ -649,7 +649,7 @@ async def resolve_model(args) -> str:
                 break
             except (httpx.HTTPError, KeyError, ValueError) as exc:
                 if time.monotonic() >= deadline:
-                    raise SystemExit(f"{args.base_url}: no /v1/models ({exc})")
+                    raise SystemExit(f"{args.base_url}: no /v1/models ({exc})") from None
                 await asyncio.sleep(0.5)
     if args.model:
         return args.model

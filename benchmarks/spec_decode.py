@@ -3,9 +3,9 @@ for k = 0..3 drafts, on a chain checkpoint whose MTP block agrees with the model
 
     python benchmarks/spec_decode.py [--agree 0.7] [--vocab 512] [--requests 16] [--max-tokens 128]
 
-The model's next token depends only on the current one (exaserve.testing.make_chain_checkpoint), and its MTP block predicts
-the token after next correctly for the fraction `agree` of tokens, so position-1 acceptance should be near
-`agree`, position 2 near agree^2, and so on. All k run in one process, one after the other.
+The model's next token depends only on the current one (exaserve.testing.make_chain_checkpoint), and its MTP
+block predicts the token after next correctly for the fraction `agree` of tokens, so position-1 acceptance
+should be near `agree`, position 2 near agree^2, and so on. All k run in one process, one after the other.
 """
 import argparse
 import json
@@ -59,10 +59,11 @@ def main() -> None:
                   f"{s.get('mean_emitted_per_verify', 1.0):.2f} tokens per verify, acceptance "
                   f"{' '.join(f'{a:.2f}' for a in s.get('acceptance_per_position', [])) or '-'}", flush=True)
     base = rows[0]["output_tokens_per_s"]
-    print(f"\n| k | output tok/s | speed-up | tokens per verify | acceptance per position |\n|---|---|---|---|---|")
+    print("\n| k | output tok/s | speed-up | tokens per verify | acceptance per position |\n|---|---|---|---|---|")
     for r in rows:
+        rates = " / ".join(f"{a:.2f}" for a in r["acceptance_per_position"]) or "-"
         print(f"| {r['k']} | {r['output_tokens_per_s']:.0f} | {r['output_tokens_per_s'] / base:.2f}x | "
-              f"{r['mean_emitted_per_verify']:.2f} | {' / '.join(f'{a:.2f}' for a in r['acceptance_per_position']) or '-'} |")
+              f"{r['mean_emitted_per_verify']:.2f} | {rates} |")
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": rows}, indent=1))
 

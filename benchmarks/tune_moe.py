@@ -13,13 +13,13 @@ import argparse
 import itertools
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
 from triton.testing import do_bench
 
-from exaserve.kernels import torch_ops
-from exaserve.kernels import triton_moe
+from exaserve.kernels import torch_ops, triton_moe
 
 SMEM_LIMIT = 220 * 1024
 DEFAULT_M = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
@@ -48,7 +48,7 @@ def tune_point(x, w13, w2, weights, ids, quick):
     best = (float("inf"), None)
     for cfg in search_space(M, E, k, quick):
         try:
-            t = do_bench(lambda: triton_moe.fused_moe(x, w13, w2, weights, ids, config=cfg), warmup=5, rep=20,
+            t = do_bench(partial(triton_moe.fused_moe, x, w13, w2, weights, ids, config=cfg), warmup=5, rep=20,
                          return_mode="median")
         except Exception as e:     # out of shared memory / registers for this tile: not a candidate
             print(f"  skip {cfg}: {type(e).__name__}", file=sys.stderr)
@@ -92,8 +92,8 @@ def main(argv=None):
             if err > 2e-2:
                 sys.exit(f"E={E} N={N} M={M} {cfg}: relative error {err:.2e} against the torch path")
             base = triton_moe.default_config(M, E, k)
-            t_base = do_bench(lambda: triton_moe.fused_moe(x, w13, w2, weights, ids, config=base), warmup=5, rep=20,
-                              return_mode="median")
+            t_base = do_bench(partial(triton_moe.fused_moe, x, w13, w2, weights, ids, config=base), warmup=5,
+                              rep=20, return_mode="median")
             print(f"E={E} N={N} M={M}: {t * 1e3:.1f} us (heuristic {t_base * 1e3:.1f} us) {cfg}", flush=True)
             entry[str(M)] = cfg
             out.parent.mkdir(parents=True, exist_ok=True)

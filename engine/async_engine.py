@@ -66,7 +66,7 @@ class AsyncEngine:
     def describe(self) -> dict:
         """Facts for the startup log: device, dtype, load time, pool sizes."""
         kv, core = self.core.kv, self.core
-        return {"device": str(core.device), "dtype": str(core.dtype).removeprefix("torch."),
+        return {"device": str(core.device), "dtype": str(core.dtype).removeprefix("torch."), "kernels": core.ops.name,
                 "load_seconds": core.load_seconds, "num_blocks": kv.paged.num_blocks,
                 "block_size": kv.paged.block_size, "paged_bytes": kv.paged.nbytes, "ring_slots": kv.ring.num_slots,
                 "ring_len": kv.ring.ring_len, "ring_bytes": kv.ring.nbytes, "max_model_len": core.max_model_len,

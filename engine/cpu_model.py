@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch import nn
+
 from exaserve.engine.model import MLP, AttnMetadata, DecoderLayer, ExaoneMoeModel, MoE
 from exaserve.kernels import cpu_ops
-from torch import nn
 
 log = logging.getLogger("exaserve.engine")
 

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from exaserve import kernels
 from exaserve.engine import envs
 from exaserve.engine.config import EngineConfig, ModelConfig
 from exaserve.engine.cpu_model import CpuModel
@@ -21,8 +23,6 @@ from exaserve.engine.sampler import make_generator
 from exaserve.engine.sampling_params import SamplingParams
 from exaserve.engine.scheduler import Scheduler
 from exaserve.engine.tokenizer import Tokenizer
-
-from exaserve import kernels
 
 log = logging.getLogger("exaserve.engine")
 # Engines freeze the gc generations (see EngineCore.__init__); the final collection at exit must see those
@@ -71,8 +71,8 @@ class EngineCore:
                                  max_rollback=c.num_speculative_tokens,
                                  extra_ring_layers=1 if c.num_speculative_tokens else 0, dtype=self.dtype,
                                  device=self.device)
-        self.scheduler = Scheduler(self.kv, max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
-                                   max_model_len=self.max_model_len)
+        self.scheduler = Scheduler(self.kv, max_num_seqs=c.max_num_seqs,
+                                   max_num_batched_tokens=c.max_num_batched_tokens, max_model_len=self.max_model_len)
         self.runner = ModelRunner(self.model, self.kv, self.device, c.num_speculative_tokens, c.spec_max_batch_size,
                                   cpu_model)
         self.requests: dict[str, Request] = {}

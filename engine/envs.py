@@ -85,6 +85,6 @@ def describe() -> str:
     """One line per variable: name, default, meaning (for --help and the README)."""
     lines = []
     for name, f in VARIABLES.items():
-        default = f.default if f.default not in ((), None) else "unset"
+        default = "unset" if f.default in ((), None) else int(f.default) if isinstance(f.default, bool) else f.default
         lines.append(f"{name} (default {default}): {f.metadata['meaning']}")
     return "\n".join(lines)

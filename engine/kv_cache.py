@@ -13,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import torch
+
 from exaserve.engine.config import ModelConfig
 
 

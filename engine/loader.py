@@ -12,11 +12,11 @@ import re
 from pathlib import Path
 
 import torch
+
+from exaserve import kernels
 from exaserve.engine.config import ModelConfig
 from exaserve.engine.model import DecoderLayer, ExaoneMoeModel, MoE
 from exaserve.kernels import Ops
-
-from exaserve import kernels
 
 ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,

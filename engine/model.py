@@ -14,9 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
 from exaserve.engine.config import ModelConfig
 from exaserve.kernels import Ops
-from torch import nn
 
 
 @dataclass

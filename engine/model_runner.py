@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 
 import torch
+
 from exaserve.engine.cpu_model import CpuModel
 from exaserve.engine.kv_cache import KVCache
 from exaserve.engine.model import AttnMetadata, ExaoneMoeModel

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+
 from exaserve.engine.sampling_params import SamplingParams
 
 

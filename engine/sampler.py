@@ -10,8 +10,8 @@ Filtered tokens get -inf. Every stage is skipped when no row in the batch uses i
 from dataclasses import dataclass
 
 import torch
-from exaserve.engine.sampling_params import SamplingParams
 
+from exaserve.engine.sampling_params import SamplingParams
 from exaserve.kernels import torch_ops
 
 NEG_INF = float("-inf")

@@ -1,8 +1,8 @@
 """`exaserve` command line: `serve` runs the OpenAI-compatible server, `make-tiny` writes a test checkpoint."""
 
 import argparse
-import dataclasses
 import asyncio
+import dataclasses
 import logging
 import os
 import re
@@ -71,8 +71,8 @@ def _serve_parser() -> argparse.ArgumentParser:
 
 def builtin_tiny_checkpoint() -> Path:
     """The tiny random checkpoint, made once per version into the user's cache directory."""
-    from exaserve.engine.tiny import make_tiny_checkpoint
     from exaserve import __version__
+    from exaserve.engine.tiny import make_tiny_checkpoint
 
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "exaserve"
     path = root / f"tiny-{__version__}"
@@ -176,7 +176,8 @@ def serve(argv: list[str]) -> int:
     except (OSError, ValueError) as exc:  # no checkpoint, a config we cannot serve, a backend or pools that do not fit
         sys.exit(f"exaserve: cannot serve {model}: {exc}")
     info = engine.describe()
-    log.info("Loaded %s in %.1f s on %s (%s)", model, info["load_seconds"], info["device"], info["dtype"])
+    log.info("Loaded %s in %.1f s on %s (%s, %s kernels)", model, info["load_seconds"], info["device"],
+             info["dtype"], info["kernels"])
     log.info(_describe_pools(info))
     app = build_app(engine, served_model_name=name, api_key=api_key, chat_template=chat_template,
                     max_queue=args.max_queue)

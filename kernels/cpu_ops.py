@@ -1,10 +1,9 @@
 """The CPU path of each op through the C++ kernels (kernels/cpu/exa_cpu.cpp): fp32 activations, weights in fp32
-or bf16. Same signatures as kernels/torch_ops.py; dispatch in kernels/__init__.py sends fp32 CPU tensors here
-when the extension is built.
+or bf16. Same signatures as kernels/torch_ops.py: the `cpu` backend's op table (kernels/__init__.py).
 
 The GEMMs read weights in a packed layout (panels of 32 rows stored k-major; same shape, elements reordered).
-The engine packs its parameters once after loading (`pack_parameter`, which marks them `exa_packed`); any
-other weight is packed on the fly per call, which is correct but slow (tests, ad-hoc use).
+The engine packs its parameters once after loading (engine/cpu_model.py, `pack_parameter`, which marks them
+`exa_packed`); any other weight is packed on the fly per call, which is correct but slow (tests, ad-hoc use).
 """
 import torch
 

@@ -26,7 +26,15 @@ from exaserve.engine.outputs import DeltaOutput
 from exaserve.server import protocol as p
 from exaserve.server.chat_template import ChatTemplateError, prompt_ends_in_reasoning, render_chat
 from exaserve.server.metrics import CONTENT_TYPE, Metrics
-from exaserve.server.parsers import THINK_END, THINK_START, TOOL_END, TOOL_START, OutputParser, ParsedDelta, ParsedOutput
+from exaserve.server.parsers import (
+    THINK_END,
+    THINK_START,
+    TOOL_END,
+    TOOL_START,
+    OutputParser,
+    ParsedDelta,
+    ParsedOutput,
+)
 
 log = logging.getLogger("exaserve.server")
 
@@ -337,7 +345,7 @@ class OpenAIServer:
             if delta.finished:
                 reasons[i] = choices[i].finish_reason(delta.finish_reason)
         out = []
-        for i, choice in enumerate(choices):
+        for i in range(len(choices)):
             result = ParsedOutput.from_deltas(parsed[i])
             message = p.chat_message(result.content, result.reasoning, [c.to_openai() for c in result.tool_calls])
             out.append(p.chat_choice(i, message, reasons[i], p.chat_logprobs(logprobs[i]) if top_n is not None

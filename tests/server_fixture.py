@@ -38,7 +38,8 @@ class LiveServer:
         command = [sys.executable, "-m", "exaserve.cli", "serve", *model, "--port", str(self.port), *args,
                    *(("--api-key", api_key) if api_key else ())]
         env = {**{k: v for k, v in os.environ.items() if k != "EXASERVE_API_KEY"}, **(env or {})}
-        self.proc = subprocess.Popen(command, cwd=tempfile.gettempdir(), env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(command, cwd=tempfile.gettempdir(), env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout

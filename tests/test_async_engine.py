@@ -3,7 +3,7 @@ import asyncio
 
 import pytest
 
-from exaserve.engine import AsyncEngine, LLM, SamplingParams
+from exaserve.engine import LLM, AsyncEngine, SamplingParams
 from exaserve.engine.tiny import make_tiny_checkpoint
 
 

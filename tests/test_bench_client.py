@@ -10,7 +10,8 @@ import orjson
 import pytest
 
 # benchmarks/ is a folder of scripts, not a package: load the script by its path
-_spec = importlib.util.spec_from_file_location("bench_serve", Path(__file__).resolve().parents[1] / "benchmarks" / "serve.py")
+_spec = importlib.util.spec_from_file_location("bench_serve",
+                                               Path(__file__).resolve().parents[1] / "benchmarks" / "serve.py")
 serve = sys.modules["bench_serve"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(serve)
 

@@ -10,12 +10,22 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_cases import (
+    GQA,
+    MOE_CASES,
+    PAGED_CASES,
+    RING_CASES,
+    check,
+    paged_batch,
+    qkv_views,
+    ring_batch,
+    rope_tables,
+    routing,
+)
 
 from exaserve import kernels
 from exaserve.kernels import cpu_ops, fused_ops
 from exaserve.kernels import torch_ops as ref
-from kernel_cases import (GQA, MOE_CASES, PAGED_CASES, RING_CASES, check, paged_batch, qkv_views, ring_batch,
-                                rope_tables, routing)
 
 pytestmark = pytest.mark.skipif(not kernels.cpu.available(), reason="C++ CPU kernels did not build here")
 WEIGHTS = [torch.float32, torch.bfloat16]

@@ -6,7 +6,6 @@ allocates is filled with NaN first, so an element the kernel forgets to write sh
 max |out - ref| / max |ref|.
 """
 import contextlib
-import os
 import subprocess
 import sys
 import zlib
@@ -16,11 +15,23 @@ import torch
 
 pytest.importorskip("triton")
 
+from kernel_cases import (  # noqa: E402
+    GQA,
+    MOE_CASES,
+    PAGED_CASES,
+    RING_CASES,
+    check,
+    paged_batch,
+    qkv_views,
+    randn,
+    ring_batch,
+    rope_tables,
+    routing,
+)
+
 from exaserve import kernels  # noqa: E402
 from exaserve.kernels import fused_ops, triton_attention, triton_moe, triton_norm  # noqa: E402
 from exaserve.kernels import torch_ops as ref  # noqa: E402
-from kernel_cases import (GQA, MOE_CASES, PAGED_CASES, RING_CASES, check, paged_batch, qkv_views,  # noqa: E402
-                                randn, ring_batch, rope_tables, routing)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F32_F16 = [torch.float32, torch.float16]

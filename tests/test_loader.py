@@ -107,7 +107,8 @@ def test_sharded_equals_single_and_keeps_mtp(tiny, tmp_path):
     assert torch.equal(a.mtp.fc, tensors["mtp.fc.weight"])
     up = tensors["model.layers.2.mlp.experts.5.up_proj.weight"]
     assert torch.equal(a.layers[2].mlp.w13[5, up.shape[0]:], up)       # experts stacked, gate rows first
-    assert torch.equal(a.layers[2].attn.qkv[-up.shape[1] // 2:], tensors["model.layers.2.self_attn.v_proj.weight"][-up.shape[1] // 2:])
+    v_rows = -up.shape[1] // 2
+    assert torch.equal(a.layers[2].attn.qkv[v_rows:], tensors["model.layers.2.self_attn.v_proj.weight"][v_rows:])
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

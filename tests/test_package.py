@@ -32,3 +32,10 @@ def test_wheel_holds_only_the_exaserve_package(tmp_path):
                    "exaserve/kernels/cpu/exa_cpu.cpp", "exaserve/engine/data/chat_template.jinja",
                    *(f"exaserve/kernels/cpu/{h.name}" for h in (ROOT / "kernels" / "cpu").glob("*.h"))):
         assert needed in names, needed
+
+
+def test_the_code_passes_ruff():
+    """The lint configuration in pyproject.toml holds for the whole tree."""
+    done = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(ROOT)], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -2,10 +2,26 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from exaserve.server.protocol import (SSE_DONE, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest,
-                             chat_chunk, chat_chunk_choice, chat_delta, chat_logprobs, chat_message, chat_response,
-                             chat_choice, completion_logprobs, error_body, new_request_id, sse_event, usage,
-                             validation_error_message)
+from exaserve.server.protocol import (
+    SSE_DONE,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    chat_choice,
+    chat_chunk,
+    chat_chunk_choice,
+    chat_delta,
+    chat_logprobs,
+    chat_message,
+    chat_response,
+    completion_logprobs,
+    error_body,
+    new_request_id,
+    sse_event,
+    usage,
+    validation_error_message,
+)
 
 USER = {"role": "user", "content": "Hi"}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]

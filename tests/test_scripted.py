@@ -3,13 +3,19 @@ import json
 
 import pytest
 from safetensors import safe_open
+from scripted_checkpoint import (
+    ANSWER_TURN,
+    NO_THINKING,
+    THINKING,
+    TOOL_CALL_TURN,
+    make_scripted_checkpoint,
+    split_pieces,
+)
 
 from exaserve.engine import LLM, SamplingParams
 from exaserve.engine.tokenizer import Tokenizer
 from exaserve.server.chat_template import render_chat
 from exaserve.server.parsers import parse_full
-from scripted_checkpoint import (ANSWER_TURN, NO_THINKING, THINKING, TOOL_CALL_TURN, make_scripted_checkpoint,
-                                       split_pieces)
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather",
           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]

@@ -7,8 +7,7 @@ import torch
 from exaserve.engine import LLM, SamplingParams
 from exaserve.engine.sampler import Sampler, SamplingRow
 from exaserve.engine.spec_decode import verify
-from exaserve.testing import make_hf_checkpoint
-from exaserve.testing import add_random_mtp, make_chain_checkpoint
+from exaserve.testing import add_random_mtp, make_chain_checkpoint, make_hf_checkpoint
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -91,7 +90,7 @@ def test_sampled_distribution_matches_plain_sampling(tmp_path, top_p):
     """The 2nd and 3rd generated tokens (produced by verification with k=2) follow the exact distribution of
     plain sampling, computed by enumerating the first tokens."""
     V = 24
-    path = make_hf_checkpoint(tmp_path / "small", seed=11, vocab_size=V, std=0.15)
+    make_hf_checkpoint(tmp_path / "small", seed=11, vocab_size=V, std=0.15)
     add_random_mtp(tmp_path / "small", seed=11)
     prompt = [3, 7, 5]
     params = SamplingParams(max_tokens=3, temperature=1.0, top_p=top_p, ignore_eos=True, seed=None)

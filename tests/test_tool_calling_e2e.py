@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from scripted_checkpoint import ANSWER_TURN, make_scripted_checkpoint
 
 pytest_plugins = ["server_fixture"]
