@@ -55,6 +55,9 @@ class EngineCore:
             log.info("CPU: %s weights kept as %s, computed in float32", str(stored).removeprefix("torch."),
                      str(self.weight_dtype).removeprefix("torch."))
         self.max_model_len = min(c.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        if c.max_model_len is not None and c.max_model_len > cfg.max_position_embeddings:
+            log.warning("max_model_len %d is above the model's max_position_embeddings; using %d", c.max_model_len,
+                        cfg.max_position_embeddings)
 
         t0 = time.monotonic()
         self.model = load_model(path, self.weight_dtype, self.device, cfg, act_dtype=self.dtype, ops=self.ops)

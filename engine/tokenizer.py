@@ -45,7 +45,11 @@ class Tokenizer:
         eos = eos if eos is not None else _read_json(path / "config.json").get("eos_token_id")
         if isinstance(eos, list):
             eos = eos[0] if eos else None
-        return cls(_Backend.from_file(str(path / "tokenizer.json")), config, template, eos)
+        tokenizer_file = path / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise FileNotFoundError(f"no tokenizer.json in {path}: exaserve reads the fast-tokenizer file that "
+                                    f"Hugging Face checkpoints ship (save one with tokenizer.save_pretrained)")
+        return cls(_Backend.from_file(str(tokenizer_file)), config, template, eos)
 
     def _id_of(self, token) -> int | None:
         token = _content(token)

@@ -35,16 +35,26 @@ def _positive(text: str) -> int:
     return value
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help with each option's default (where it has one and its help does not already say it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, argparse.SUPPRESS) and "default" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
 def _serve_parser() -> argparse.ArgumentParser:
     from exaserve.engine import envs
 
     parser = argparse.ArgumentParser(prog="exaserve serve", description="Serve an EXAONE-MoE checkpoint over the "
                                      "OpenAI API. Without --model: a built-in tiny random checkpoint.",
                                      epilog="environment variables:\n" + envs.describe(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("--model", help="checkpoint directory (Hugging Face layout)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                         help="weights and KV cache; auto: the checkpoint's")
     parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
@@ -207,16 +217,22 @@ def build_kernels(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from exaserve import __version__
     from exaserve.engine.tiny import main_make_tiny
 
     argv = sys.argv[1:] if argv is None else argv
     commands = {"serve": serve, "make-tiny": main_make_tiny, "build-kernels": build_kernels}
     usage = ("usage: exaserve {serve,make-tiny,build-kernels} [options]   (exaserve COMMAND --help lists the "
-             "options)")
+             "options); exaserve --version")
     if argv[:1] in (["-h"], ["--help"]):
         print(usage)
         return 0
+    if argv[:1] in (["-V"], ["--version"]):
+        print(f"exaserve {__version__}")
+        return 0
     if not argv or argv[0] not in commands:
+        if argv:
+            print(f"exaserve: unknown command {argv[0]!r}", file=sys.stderr)
         print(usage, file=sys.stderr)
         return 2
     return commands[argv[0]](argv[1:])
