@@ -456,10 +456,19 @@ class OpenAIServer:
             raise ApiError(400, f"token id {bad} is outside the vocabulary [0, {vocab})", "tokens")
         return _json({"prompt": self.tokenizer.decode(body.tokens, skip_special_tokens=False)})
 
+    def _model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "exaserve",
+                "root": self.model_name, "parent": None, "max_model_len": self.max_model_len}
+
     async def models(self) -> Response:
-        return _json({"object": "list", "data": [{
-            "id": self.model_name, "object": "model", "created": self.created, "owned_by": "exaserve",
-            "root": self.model_name, "parent": None, "max_model_len": self.max_model_len}]})
+        return _json({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, model_id: str) -> Response:
+        """GET /v1/models/{id} (the client's models.retrieve)."""
+        if model_id != self.model_name:
+            raise ApiError(404, f"the model {model_id!r} does not exist; this server serves {self.model_name!r}",
+                           "model")
+        return _json(self._model_card())
 
     async def health(self) -> Response:
         return Response(status_code=200)
@@ -500,6 +509,7 @@ def build_app(engine, *, served_model_name: str, api_key: str | None = None, cha
     open_routes.add_api_route("/version", server.version, methods=["GET"])
     guarded = APIRouter(dependencies=[Depends(server.authorize)])
     guarded.add_api_route("/v1/models", server.models, methods=["GET"])
+    guarded.add_api_route("/v1/models/{model_id:path}", server.model, methods=["GET"])
     guarded.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
     guarded.add_api_route("/v1/completions", server.completions, methods=["POST"])
     guarded.add_api_route("/tokenize", server.tokenize, methods=["POST"])

@@ -46,7 +46,9 @@ def render_chat(
     **kwargs,
 ) -> str:
     """Render `messages` (OpenAI-style dicts) into the prompt text; extra kwargs (chat_template_kwargs such as
-    enable_thinking) are visible to the template as variables."""
+    enable_thinking) are visible to the template as variables. A `developer` message (OpenAI's current name for
+    system instructions) is rendered as a `system` one: EXAONE templates know no developer role."""
+    messages = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
     try:
         return _compile(template).render(
             messages=messages,

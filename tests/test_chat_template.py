@@ -46,6 +46,12 @@ def test_renders_messages_tools_and_generation_prompt():
     assert prompt_ends_in_reasoning(prompt)
 
 
+def test_developer_messages_are_system_messages():
+    as_system = render_chat(TEMPLATE, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    assert render_chat(TEMPLATE, [{"role": "developer", "content": "Be brief."},
+                                  {"role": "user", "content": "Hi"}]) == as_system
+
+
 def test_chat_template_kwargs_reach_the_template():
     messages = [{"role": "user", "content": "Hi"}]
     prompt = render_chat(TEMPLATE, messages, enable_thinking=False)

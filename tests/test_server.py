@@ -68,6 +68,11 @@ def reasoning_of(message):
 
 def test_models_health_version_tokenize(server, client, offline):
     assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    missing = httpx.get(f"{server.url}/v1/models/nope")
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "NotFoundError"
+    unknown = httpx.get(f"{server.url}/v1/no-such-route")
+    assert unknown.status_code == 404 and unknown.json()["error"]["message"]
     assert httpx.get(f"{server.url}/health").status_code == 200
     assert httpx.get(f"{server.url}/version").json()["version"]
     tokens = httpx.post(f"{server.url}/tokenize", json={"prompt": "Hello there"}).json()
