@@ -6,6 +6,7 @@ token; the tokenizer is a byte-level BPE trained on engine/data/corpus.txt with 
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -72,6 +73,7 @@ def make_tiny_checkpoint(
         "top_p": 0.95,
     })
     save_file(_weights(config, _DTYPES[dtype], seed), str(out / "model.safetensors"), metadata={"format": "pt"})
+    _readable_like_the_rest(out / "model.safetensors")
     return out
 
 
@@ -212,6 +214,13 @@ def _tokenizer_config(config: dict) -> dict:
         "model_max_length": config["max_position_embeddings"],
         "tokenizer_class": "PreTrainedTokenizerFast",
     }
+
+
+def _readable_like_the_rest(path: Path) -> None:
+    """safetensors writes its files owner-only (0600); give this one the mode any new file gets here."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def _write_json(path: Path, obj: dict) -> None:

@@ -35,6 +35,8 @@ def test_same_seed_same_bytes_other_seed_other_weights(ckpt, tmp_path):
         assert (again / name).read_bytes() == (ckpt / name).read_bytes(), name
     other = make_tiny_checkpoint(tmp_path / "b", seed=1)
     assert (other / "model.safetensors").read_bytes() != (ckpt / "model.safetensors").read_bytes()
+    # every file gets the same mode (safetensors alone would make the weights owner-only)
+    assert len({(again / name).stat().st_mode for name in FILES}) == 1
 
 
 def test_config_and_tensor_layout(ckpt):
