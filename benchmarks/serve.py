@@ -598,10 +598,18 @@ def _slos(items: list[str]) -> dict:
     return slos
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, except where there is none or the help already gives it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--base-url", default="http://127.0.0.1:8000")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_Defaults)
+    ap.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server under test")
     ap.add_argument("--model", help="the name to send (default: the first of GET /v1/models)")
     ap.add_argument("--api-key")
     ap.add_argument("--tokenizer", help="checkpoint dir or tokenizer.json: the vocabulary of random prompts, "
@@ -624,7 +632,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--request-timeout", type=float, default=1800.0, help="seconds per request")
     ap.add_argument("--wait-ready", type=float, default=0.0, help="poll /v1/models up to this many seconds first")
     ap.add_argument("--label", help="this server's name in tables and plots")
-    ap.add_argument("--result-file", type=Path, help="JSON results (default: results/<label>-<dataset>-<time>.json)")
+    ap.add_argument("--result-file", type=Path, help="JSON results (default: <label>-<dataset>-<time>.json in "
+                    "$BENCH_CACHE/results, ~/.cache/exaserve-bench/results unless set)")
     ap.add_argument("--plot-file", type=Path, help="PNG (default: beside the result file, when sweeping)")
     ap.add_argument("--plot", nargs="+", type=Path, metavar="RESULT_JSON",
                     help="only draw the given result files into --plot-file, send nothing")
@@ -699,7 +708,9 @@ def main(argv=None) -> int:
                if k not in ("plot", "plot_file", "result_file", "api_key")}}
     if meta["request_rate"] == math.inf:
         meta["request_rate"] = "inf"  # JSON has no infinity
-    result_file = args.result_file or Path("benchmarks/results") / (
+    cache = Path(os.environ.get("BENCH_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                 / "exaserve-bench")
+    result_file = args.result_file or cache / "results" / (
         f"{label}-{args.dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
     result_file.parent.mkdir(parents=True, exist_ok=True)
     result_file.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))

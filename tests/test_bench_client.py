@@ -105,6 +105,24 @@ def server(tiny_model, live_server):
         yield live
 
 
+def test_results_go_to_the_bench_cache_by_default(server, tiny_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path))
+    code = serve.main(["--base-url", server.url, "--api-key", "k1", "--tokenizer", str(tiny_model), "--input-len",
+                       "4", "--output-len", "2", "--num-prompts", "2", "--label", "x"])
+    assert code == 0
+    (written,) = (tmp_path / "results").glob("x-random-*.json")
+    assert json.loads(written.read_text())["runs"][0]["completed"] == 2
+    assert f"results: {written}" in capsys.readouterr().out
+
+
+def test_help_names_no_empty_defaults(capsys):
+    with pytest.raises(SystemExit):
+        serve.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "default: None" not in text and "the server under test (default: http://127.0.0.1:8000)" in " ".join(
+        text.split())
+
+
 @pytest.mark.parametrize("dataset", ["random", "chat"])
 def test_runs_against_a_live_server(server, tiny_model, tmp_path, dataset):
     out = tmp_path / "r.json"
