@@ -111,6 +111,15 @@ def test_sampled_tokens_stay_inside_the_allowed_set(batch):
     assert (tokens[:, greedy] == probs[greedy].argmax(-1)).all()
 
 
+def test_a_tiny_temperature_is_greedy():
+    """logits / 1e-40 would overflow to inf and sample NaN; such temperatures decode greedily."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(4))
+    tiny = SamplingParams(temperature=1e-40, seed=1)
+    assert tiny.greedy and not SamplingParams(temperature=1e-4).greedy
+    out = Sampler()(logits, [SamplingRow(tiny, [1], [], make_generator(1, "cpu"), [])] * 3)
+    assert out.token_ids == logits.argmax(-1).tolist()
+
+
 def test_greedy_is_argmax_and_consumes_no_randomness():
     logits = torch.randn(5, 40, generator=torch.Generator().manual_seed(3))
     rows = [make_row(SamplingParams(temperature=0)) for _ in range(3)] + [
