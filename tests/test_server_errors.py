@@ -14,10 +14,17 @@ ASK = [{"role": "user", "content": "Hello"}]
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model, live_server):
-    # One seat and a queue of one: the 429 test fills both with two long requests.
+def server(tiny_model, live_server, tmp_path_factory):
+    # One seat and a queue of one: the 429 test fills both with two long requests. The checkpoint's template,
+    # through --chat-template, with one more rule: it refuses a conversation that says "refuse me".
+    loop = "{%- for message in messages -%}"
+    template = (tiny_model / "chat_template.jinja").read_text().replace(loop, loop + (
+        "{%- if message.content == 'refuse me' -%}{{- raise_exception('this template refuses: refuse me') -}}"
+        "{%- endif -%}"))
+    path = tmp_path_factory.mktemp("template") / "refusing.jinja"
+    path.write_text(template)
     with live_server(tiny_model, "--dtype", "float32", "--max-num-seqs", "1", "--max-queue", "1",
-                     "--served-model-name", MODEL, api_key=KEY) as live:
+                     "--served-model-name", MODEL, "--chat-template", str(path), api_key=KEY) as live:
         yield live
 
 
@@ -53,8 +60,8 @@ BAD = {
     "content of a wrong type": (chat(messages=[{"role": "user", "content": 5}]), 400, ["content"],
                                 "messages[0].content"),
     "unknown role": (chat(messages=[{"role": "wizard", "content": "hi"}]), 400, ["role"], "messages[0].role"),
-    "template refuses the conversation": (chat(messages=[{"role": "developer", "content": "hi"}]), 400,
-                                          ["Unknown message role: developer"], "messages"),
+    "template refuses the conversation": (chat(messages=[{"role": "user", "content": "refuse me"}]), 400,
+                                          ["this template refuses: refuse me"], "messages"),
     "tool_choice without tools": (chat(tool_choice="required"), 400, ["tool_choice"], "tool_choice"),
     "chat over max_model_len": (chat(max_tokens=5000), 400, ["5000", "4096", "max_model_len"], None),
     "prompt over max_model_len": (completion(max_tokens=5000), 400, ["5000", "4096"], None),
