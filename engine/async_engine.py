@@ -18,6 +18,8 @@ import threading
 from collections import defaultdict
 from typing import AsyncIterator
 
+import torch
+
 from exaserve.engine.config import EngineConfig
 from exaserve.engine.engine_core import EngineCore
 from exaserve.engine.outputs import DeltaOutput
@@ -66,7 +68,10 @@ class AsyncEngine:
     def describe(self) -> dict:
         """Facts for the startup log: device, dtype, load time, pool sizes."""
         kv, core = self.core.kv, self.core
+        weights = {p.data_ptr(): p.numel() * p.element_size() for p in core.model.parameters()}  # tied: once
         return {"device": str(core.device), "dtype": str(core.dtype).removeprefix("torch."), "kernels": core.ops.name,
+                "weight_dtype": str(core.weight_dtype).removeprefix("torch."), "weight_bytes": sum(weights.values()),
+                "threads": torch.get_num_threads() if core.device.type == "cpu" else None,
                 "load_seconds": core.load_seconds, "num_blocks": kv.paged.num_blocks,
                 "block_size": kv.paged.block_size, "paged_bytes": kv.paged.nbytes, "ring_slots": kv.ring.num_slots,
                 "ring_len": kv.ring.ring_len, "ring_bytes": kv.ring.nbytes, "max_model_len": core.max_model_len,

@@ -186,8 +186,10 @@ def serve(argv: list[str]) -> int:
     except (OSError, ValueError) as exc:  # no checkpoint, a config we cannot serve, a backend or pools that do not fit
         sys.exit(f"exaserve: cannot serve {model}: {exc}")
     info = engine.describe()
-    log.info("Loaded %s in %.1f s on %s (%s, %s kernels)", model, info["load_seconds"], info["device"],
-             info["dtype"], info["kernels"])
+    threads = f", {info['threads']} threads" if info["threads"] else ""
+    log.info("Loaded %s in %.1f s on %s: %s weights (%.1f MiB), %s activations and KV cache, %s kernels%s", model,
+             info["load_seconds"], info["device"], info["weight_dtype"], info["weight_bytes"] / (1 << 20),
+             info["dtype"], info["kernels"], threads)
     log.info(_describe_pools(info))
     app = build_app(engine, served_model_name=name, api_key=api_key, chat_template=chat_template,
                     max_queue=args.max_queue)

@@ -7,6 +7,7 @@ whatever is still in the engine, so no path can leak a running request.
 """
 
 import asyncio
+import hmac
 import logging
 import re
 import time
@@ -45,9 +46,9 @@ _RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "add_generation_prompt", "bos_
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.headers = status, message, param, headers
 
     def body(self) -> dict:
         return p.error_body(self.message, type=_ERROR_TYPES.get(self.status, "BadRequestError"), param=self.param,
@@ -214,7 +215,9 @@ class OpenAIServer:
     def authorize(self, request: Request) -> None:
         if self.api_key is None:
             return
-        if request.headers.get("authorization", "") != f"Bearer {self.api_key}":
+        scheme, _, key = request.headers.get("authorization", "").strip().partition(" ")
+        # the scheme is case-insensitive (RFC 9110); the key is compared in constant time
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
             raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'")
 
     async def parse(self, request: Request, model_cls):
@@ -262,7 +265,7 @@ class OpenAIServer:
         if self.max_queue is not None and self.num_waiting >= self.max_queue:
             self.metrics.rejected += 1
             raise ApiError(429, f"the server is busy: {self.num_waiting} requests are waiting "
-                                f"(--max-queue {self.max_queue}); retry later")
+                                f"(--max-queue {self.max_queue}); retry later", headers={"Retry-After": "1"})
         return _Generation(self, request_id, prompts, params)
 
     async def until_disconnect(self, request: Request, gen: _Generation, collect):
@@ -492,7 +495,9 @@ def build_app(engine, *, served_model_name: str, api_key: str | None = None, cha
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> Response:
-        return _json(exc.body(), exc.status)
+        response = _json(exc.body(), exc.status)
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:

@@ -276,6 +276,8 @@ def test_without_model_the_builtin_tiny_checkpoint_is_made_once_and_served(live_
     (checkpoint,) = (tmp_path / "exaserve").iterdir()
     assert f"built-in tiny random checkpoint at {checkpoint}" in log
     assert re.search(r"KV pools: \d+ blocks x 16 tokens .* MiB\), \d+ ring slots x \d+ tokens .* MiB\)", log)
+    assert re.search(r"on cpu: float32 weights \(\d+\.\d MiB\), float32 activations and KV cache, (cpu|torch) "
+                     r"kernels, \d+ threads", log)
     assert re.search(r"Serving 'exaserve-tiny' on http://127\.0\.0\.1:\d+", log)
     made = (checkpoint / "model.safetensors").stat().st_mtime_ns
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

@@ -108,8 +108,12 @@ def test_body_that_is_not_a_json_object(http, content):
 
 def test_api_key(server):
     body = {"model": MODEL, "prompt": "Hi", "max_tokens": 1}
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"},
+                    {"Authorization": f"Bearer {KEY}x"}, {"Authorization": "Bearer"}):
         check_error(httpx.post(f"{server.url}/v1/completions", json=body, headers=headers), 401, ["API key"])
+    for scheme in ("bearer", "BEARER"):      # the scheme is case-insensitive
+        response = httpx.post(f"{server.url}/v1/completions", json=body, headers={"Authorization": f"{scheme} {KEY}"})
+        assert response.status_code == 200, response.text
     check_error(httpx.get(f"{server.url}/v1/models"), 401)
     assert httpx.get(f"{server.url}/health").status_code == 200  # probes and scrapers need no key
     assert httpx.get(f"{server.url}/metrics").status_code == 200
@@ -155,7 +159,9 @@ def test_full_queue_is_429_then_recovers(server, http):
             while server.metrics()["exaserve_num_requests_waiting"] < 1:
                 assert time.monotonic() < deadline, "the second request never queued"
                 time.sleep(0.01)
-            check_error(post(http, small), 429, ["--max-queue 1"])
+            refused = post(http, small)
+            check_error(refused, 429, ["--max-queue 1"])
+            assert refused.headers["retry-after"] == "1"
             check_error(post(http, chat(stream=True)), 429)
             running.close()  # frees the seat: the queued request then runs and completes
             assert waiting.result().status_code == 200
