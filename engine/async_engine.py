@@ -28,6 +28,10 @@ from exaserve.engine.sampling_params import SamplingParams
 log = logging.getLogger("exaserve.engine")
 
 
+class EngineDeadError(RuntimeError):
+    """The engine thread has stopped on an error: no request can run any more (the process should restart)."""
+
+
 class AsyncEngine:
     def __init__(self, model: str | EngineConfig, **engine_args):
         """model: a checkpoint directory, with EngineConfig's options as keyword arguments; or an EngineConfig.
@@ -37,6 +41,7 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
         self._stopped = False
+        self.failure: BaseException | None = None   # what stopped the engine thread, if anything did
         # The model is built inside the engine thread, so that thread is the only one that ever runs tensor
         # work: a second thread with its own OpenMP team halves CPU speed (measured 2x per step).
         ready, failure = threading.Event(), []
@@ -49,7 +54,14 @@ class AsyncEngine:
                 return
             finally:
                 ready.set()
-            self._run()
+            try:
+                self._run()
+            except BaseException as e:  # nothing may leave requests waiting on a thread that is gone
+                log.exception("the engine thread stopped")
+                self.failure = e
+                dead = EngineDeadError(f"the engine stopped: {type(e).__name__}: {e}")
+                for rid in list(self._streams):
+                    self._post(rid, dead)
 
         self._thread = threading.Thread(target=start, name="exaserve-engine", daemon=True)
         self._thread.start()
@@ -80,6 +92,8 @@ class AsyncEngine:
     async def add_request(self, request_id: str, prompt_token_ids: list[int],
                           params: SamplingParams) -> AsyncIterator[DeltaOutput]:
         """Yields the request's deltas; leaving early (disconnect, cancellation) aborts it."""
+        if not self.is_healthy():
+            raise EngineDeadError(f"the engine stopped: {self.failure!r}")
         self.core.validate(prompt_token_ids, params)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in flight")
@@ -101,6 +115,10 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
+
+    def is_healthy(self) -> bool:
+        """False once the engine thread has stopped on an error (/health then answers 503)."""
+        return self.failure is None and (self._stopped or self._thread.is_alive())
 
     def stats(self) -> dict:
         return self.core.stats()
@@ -156,6 +174,9 @@ class AsyncEngine:
                     self.core.add_request(rid, ids, params, validated=True)
                 except ValueError as e:
                     self._post(rid, e)
+                except Exception as e:  # a bug met by one request fails that request, not the engine
+                    log.exception("adding request %s failed", rid)
+                    self._post(rid, RuntimeError(f"engine error: {type(e).__name__}: {e}"))
             else:
                 d = self.core.abort(msg[1])
                 if d is not None:

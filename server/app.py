@@ -474,7 +474,7 @@ class OpenAIServer:
         return _json(self._model_card())
 
     async def health(self) -> Response:
-        return Response(status_code=200)
+        return Response(status_code=200 if self.engine.is_healthy() else 503)
 
     async def version(self) -> Response:
         return _json({"version": __version__})

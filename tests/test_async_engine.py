@@ -4,6 +4,7 @@ import asyncio
 import pytest
 
 from exaserve.engine import LLM, AsyncEngine, SamplingParams
+from exaserve.engine.async_engine import EngineDeadError
 from exaserve.engine.tiny import make_tiny_checkpoint
 
 
@@ -85,3 +86,50 @@ def test_outputs_are_handed_over_as_the_next_step_computes(tiny):
     outs = [i for i, e in enumerate(events) if e.startswith("out a")]
     assert len(forwards) == 5 and len(outs) == 5
     assert all(forwards[j + 1] < outs[j] for j in range(4)) and forwards[4] < outs[4]
+
+
+async def _tokens(engine, rid, n=3):
+    out = []
+    async for d in engine.add_request(rid, [5, 6, 7], SamplingParams(max_tokens=n, ignore_eos=True)):
+        out += d.token_ids
+    return out
+
+
+def test_a_fault_while_adding_one_request_fails_only_that_request(tiny):
+    engine = AsyncEngine(tiny, dtype="float32", max_num_seqs=4)
+    add = engine.core.add_request
+
+    def faulty(rid, *args, **kwargs):
+        if rid == "bad":
+            raise TypeError("injected fault")
+        return add(rid, *args, **kwargs)
+
+    engine.core.add_request = faulty
+
+    async def main():
+        bad, good = await asyncio.gather(_tokens(engine, "bad"), _tokens(engine, "good"), return_exceptions=True)
+        return bad, good, await _tokens(engine, "after")
+
+    try:
+        bad, good, after = asyncio.run(main())
+        assert isinstance(bad, RuntimeError) and "TypeError: injected fault" in str(bad)
+        assert len(good) == 3 and len(after) == 3 and engine.is_healthy()
+    finally:
+        engine.shutdown()
+
+
+def test_a_dead_engine_thread_fails_every_request_and_reports_unhealthy(tiny):
+    engine = AsyncEngine(tiny, dtype="float32", max_num_seqs=4)
+    engine.core.has_unfinished = lambda: (_ for _ in ()).throw(MemoryError("injected"))
+
+    async def main():
+        first = await asyncio.gather(_tokens(engine, "a", n=50), return_exceptions=True)
+        with pytest.raises(EngineDeadError, match="MemoryError"):
+            await _tokens(engine, "b")
+        return first[0]
+
+    try:
+        failed = asyncio.run(main())
+        assert isinstance(failed, EngineDeadError) and not engine.is_healthy()
+    finally:
+        engine.shutdown()
