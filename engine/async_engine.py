@@ -20,6 +20,7 @@ from typing import AsyncIterator
 
 import torch
 
+from exaserve.engine import envs
 from exaserve.engine.config import EngineConfig
 from exaserve.engine.engine_core import EngineCore
 from exaserve.engine.outputs import DeltaOutput
@@ -33,9 +34,10 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, model: str | EngineConfig, **engine_args):
+    def __init__(self, model: str | EngineConfig, *, env: envs.Env | None = None, **engine_args):
         """model: a checkpoint directory, with EngineConfig's options as keyword arguments; or an EngineConfig.
-        The config is validated here, in the caller's thread; the engine is built in the engine thread."""
+        env: the EXASERVE_* settings when the caller has read them already. The config is validated here, in the
+        caller's thread; the engine is built in the engine thread."""
         config = EngineConfig.of(model, engine_args)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -48,7 +50,7 @@ class AsyncEngine:
 
         def start():
             try:
-                self.core = EngineCore(config)
+                self.core = EngineCore(config, env)
             except BaseException as e:  # handed to the constructor's caller
                 failure.append(e)
                 return

@@ -8,13 +8,15 @@ from pathlib import Path
 
 import torch
 
+from exaserve import kernels
+
 
 class ConfigError(ValueError):
     pass
 
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-KERNEL_BACKENDS = ("auto", "torch", "cpu", "triton")
+KERNEL_BACKENDS = ("auto", *kernels.BACKENDS)
 MAX_SPECULATIVE_TOKENS = 4
 
 

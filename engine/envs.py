@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
+from exaserve.engine.config import KERNEL_BACKENDS
+
 log = logging.getLogger("exaserve.engine")
 PREFIX = "EXASERVE_"
 
@@ -44,7 +46,7 @@ def _var(name: str, parse: Callable[[str], object], meaning: str) -> dict:
 @dataclass(frozen=True)
 class Env:
     kernels: str = field(default="auto", metadata=_var(
-        "EXASERVE_KERNELS", _choice("auto", "torch", "cpu", "triton"),
+        "EXASERVE_KERNELS", _choice(*KERNEL_BACKENDS),
         "kernel backend when the engine's `kernels` option (--kernels) is not given: auto (triton on CUDA, the C++ "
         "kernels on a CPU, torch where those cannot run), torch, cpu or triton; a backend that cannot run here "
         "stops the start with an error"))

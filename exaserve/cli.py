@@ -47,6 +47,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def _serve_parser() -> argparse.ArgumentParser:
     from exaserve.engine import envs
+    from exaserve.engine.config import DTYPES, KERNEL_BACKENDS, MAX_SPECULATIVE_TOKENS
 
     parser = argparse.ArgumentParser(prog="exaserve serve", description="Serve an EXAONE-MoE checkpoint over the "
                                      "OpenAI API. Without --model: a built-in tiny random checkpoint.",
@@ -55,10 +56,10 @@ def _serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="checkpoint directory (Hugging Face layout)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="weights and KV cache; auto: the checkpoint's")
     parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
-    parser.add_argument("--kernels", choices=["auto", "torch", "cpu", "triton"],
+    parser.add_argument("--kernels", choices=KERNEL_BACKENDS,
                         help="kernel backend (default: $EXASERVE_KERNELS, else auto: triton on CUDA, the C++ kernels "
                         "on a CPU)")
     parser.add_argument("--max-model-len", type=_positive, help="longest prompt + output (default: the model's)")
@@ -70,7 +71,7 @@ def _serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--served-model-name", help="the name clients send as `model` (default: --model)")
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $EXASERVE_API_KEY)")
     parser.add_argument("--chat-template", type=Path, help="a Jinja2 file that replaces the checkpoint's template")
-    parser.add_argument("--num-speculative-tokens", type=int, default=0, choices=range(5),
+    parser.add_argument("--num-speculative-tokens", type=int, default=0, choices=range(MAX_SPECULATIVE_TOKENS + 1),
                         help="MTP draft tokens per step, 0 = off (needs the checkpoint's mtp.* weights)")
     parser.add_argument("--spec-max-batch-size", type=_positive, default=32,
                         help="no drafting in steps with more running requests than this")
@@ -182,7 +183,7 @@ def serve(argv: list[str]) -> int:
         model, name = Path(args.model), args.served_model_name or args.model
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if hasattr(args, f.name)}
     try:
-        engine = AsyncEngine(EngineConfig(**{**options, "model": str(model)}))
+        engine = AsyncEngine(EngineConfig(**{**options, "model": str(model)}), env=env)
     except (OSError, ValueError) as exc:  # no checkpoint, a config we cannot serve, a backend or pools that do not fit
         sys.exit(f"exaserve: cannot serve {model}: {exc}")
     info = engine.describe()
