@@ -25,7 +25,7 @@ from exaserve import __version__
 from exaserve.engine import SamplingParams
 from exaserve.engine.outputs import DeltaOutput
 from exaserve.server import protocol as p
-from exaserve.server.chat_template import ChatTemplateError, prompt_ends_in_reasoning, render_chat
+from exaserve.engine.chat_template import ChatTemplateError, prompt_ends_in_reasoning, render_chat
 from exaserve.server.metrics import CONTENT_TYPE, Metrics
 from exaserve.server.parsers import (
     THINK_END,

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from exaserve.server.chat_template import ChatTemplateError, prompt_ends_in_reasoning, render_chat
+from exaserve.engine.chat_template import ChatTemplateError, prompt_ends_in_reasoning, render_chat
 
 # A small template in the K-EXAONE shape, exercising what real templates use.
 TEMPLATE = """{{ bos_token }}{% if tools %}

@@ -1,4 +1,5 @@
-"""Render a checkpoint's Jinja2 chat template with Hugging Face `apply_chat_template` semantics."""
+"""Render a checkpoint's Jinja2 chat template with Hugging Face `apply_chat_template` semantics (used by the HTTP
+server and by `LLM.chat`; only jinja2, no tensors)."""
 
 import datetime
 import functools
