@@ -5,6 +5,11 @@ Processing order (vLLM's, so results match what OpenAI-style clients expect):
   -> frequency / presence penalties (output) -> [greedy rows stop here: argmax]
   -> temperature -> top_k -> top_p -> min_p -> sample.
 Filtered tokens get -inf. Every stage is skipped when no row in the batch uses it.
+
+Extreme settings stay numerically safe: penalties and temperatures are clamped to finite fp32 values (so no stage
+makes NaN), and a row that overflows to +inf keeps only its +inf tokens, as equally likely top candidates (the
+softmax of a row holding +inf is NaN). A row the sampler cannot serve raises FloatingPointError: raw logits holding
+NaN or +inf (a fault in the forward pass), or no token left (every processed logit -inf).
 """
 
 from dataclasses import dataclass
@@ -15,6 +20,7 @@ from exaserve.engine.sampling_params import SamplingParams
 from exaserve.kernels import torch_ops
 
 NEG_INF = float("-inf")
+FLOAT_MAX = torch.finfo(torch.float32).max
 
 
 @dataclass
@@ -48,17 +54,23 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         logits = self._on_device(logits)
+        raw_max = logits.amax(dim=-1)
         x = self.process(logits, rows, copy=False)
         token_ids = self.argmax(x)
         sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
         if sampled:
             probs = x[sampled].softmax(dim=-1)
             token_ids[sampled] = self.argmax(probs / self._exponential_noise(probs, [rows[i] for i in sampled]))
-        return SamplerOutput(token_ids.tolist(), self.logprobs(logits, rows, token_ids))
+        chosen = x.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+        ids = token_ids.tolist()
+        _check_rows(raw_max, chosen)  # once the tokens are on the host: then it waits for nothing more
+        return SamplerOutput(ids, self.logprobs(logits, rows, token_ids))
 
     def probs(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """The distribution each row's token is drawn from, [S, V] fp32; greedy rows are one-hot on the argmax."""
-        x = self.process(self._on_device(logits), rows)
+        logits = self._on_device(logits)
+        x = self.process(logits, rows)
+        _check_rows(logits.amax(dim=-1), x.amax(dim=-1))
         probs = x.softmax(dim=-1)
         greedy = [i for i, row in enumerate(rows) if row.params.greedy]
         if greedy:
@@ -81,7 +93,9 @@ class Sampler:
         # Greedy rows get neutral values below, so the remaining stages leave them as they are.
         if any(row.params.temperature != 1.0 for row in sampled):
             temps = [1.0 if row.params.greedy else row.params.temperature for row in rows]
-            x.div_(_column(temps, x))
+            x.div_(_column(temps, x).clamp_(max=FLOAT_MAX))  # an inf temperature would make -inf / inf = NaN
+            if any(row.params.temperature < 1.0 and _penalized(row.params) for row in sampled):
+                x = _overflow_to_top(x)  # only a penalty makes logits large enough to overflow here
         x = _apply_top_k_top_p(x, rows)
         if any(row.params.min_p > 0 for row in sampled):
             min_p = _column([0.0 if row.params.greedy else row.params.min_p for row in rows], x)
@@ -166,14 +180,32 @@ def _apply_penalties(x: torch.Tensor, rows: list[SamplingRow]) -> None:
     output_counts = _token_counts([rows[i].output_token_ids for i in picked], vocab_size, x.device)
     if any(p.repetition_penalty != 1.0 for p in params):
         seen = output_counts + _token_counts([rows[i].prompt_token_ids for i in picked], vocab_size, x.device) > 0
-        penalty = _column([p.repetition_penalty for p in params], x)
+        # Clamped to finite fp32: a penalty that rounds to 0 or inf would make 0 * inf = NaN on some logit.
+        penalty = _column([p.repetition_penalty for p in params], x).clamp_(torch.finfo(x.dtype).tiny, FLOAT_MAX)
         scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
         logits = torch.where(seen, scaled, logits)
     if any(p.frequency_penalty != 0.0 for p in params):
         logits -= _column([p.frequency_penalty for p in params], x) * output_counts
     if any(p.presence_penalty != 0.0 for p in params):
         logits -= _column([p.presence_penalty for p in params], x) * (output_counts > 0)
-    x[picked] = logits
+    x[picked] = _overflow_to_top(logits)
+
+
+def _overflow_to_top(x: torch.Tensor) -> torch.Tensor:
+    """Rows that overflowed to +inf keep only their +inf tokens, as equally likely top candidates."""
+    top = torch.isposinf(x)
+    return torch.where(top.any(dim=-1, keepdim=True), torch.where(top, 0.0, NEG_INF), x)
+
+
+def _check_rows(raw_max: torch.Tensor, best: torch.Tensor) -> None:
+    """Raise FloatingPointError for rows whose raw logits hold NaN or +inf (then their max is one), or whose
+    processed logits leave no token (best: the chosen or the largest processed logit; -inf or NaN)."""
+    faults = [(~(raw_max < float("inf")), "the model's logits hold NaN or +inf (a fault in the forward pass)"),
+              (~(best > NEG_INF), "no token is left to sample: every logit is -inf after processing")]
+    for bad, message in faults:
+        if bad.any():
+            rows = bad.nonzero().flatten().tolist()
+            raise FloatingPointError(message if len(bad) == 1 else f"{message}; rows {rows} of the batch")
 
 
 def _token_counts(sequences: list[list[int]], vocab_size: int, device) -> torch.Tensor:

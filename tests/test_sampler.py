@@ -267,3 +267,56 @@ def test_validate_accepts_and_normalises():
     SamplingParams(logit_bias={10_000: 1.0}).validate()  # no vocabulary to check against
     assert SamplingParams(temperature=0).greedy and SamplingParams(top_k=1).greedy
     assert not SamplingParams().greedy
+
+
+# Token 5 is EOS here; every token but 0 is in the prompt. Token 3's logit is 0: 0 * inf was NaN.
+EXTREME_LOGITS = [-1.0, 5.0, 6.0, 0.0, 4.5, 2.0]
+
+
+def extreme_row(**kwargs):
+    return make_row(SamplingParams(min_tokens=1, **kwargs), prompt=[1, 2, 3, 4, 5], eos=[5])
+
+
+@pytest.mark.parametrize(
+    "kwargs, allowed",
+    [
+        # a penalty that rounds to 0 in fp32: the positive seen logits overflow to +inf and are the top candidates
+        ({"repetition_penalty": 1e-46, "temperature": 0}, {1}),
+        ({"repetition_penalty": 1e-46}, {1, 2, 4}),
+        ({"repetition_penalty": 1e-46, "temperature": 1e-4}, {1, 2, 4}),
+        ({"repetition_penalty": 1e-36, "temperature": 1e-4}, {1, 2, 4}),  # overflows at the temperature
+        # a penalty that rounds to inf: every seen logit goes to about 0 (or -inf), the largest stays the largest
+        ({"repetition_penalty": 1e300, "temperature": 0}, {2}),
+        # an inf temperature: uniform over every token min_tokens leaves
+        ({"temperature": 1e39}, {0, 1, 2, 3, 4}),
+    ],
+)
+def test_extreme_settings_sample_no_nan(kwargs, allowed):
+    """Overflowing settings gave NaN logits, and NaN was the argmax (here EOS, which min_tokens masks) or the
+    sampled token was id 0."""
+    repeats = 400
+    rows = [extreme_row(**kwargs) for _ in range(repeats)]
+    logits = torch.tensor([EXTREME_LOGITS] * repeats)
+    torch.manual_seed(0)
+    tokens = Sampler()(logits, rows).token_ids
+    assert set(tokens) == allowed
+    seeded = [Sampler()(logits[:1], [extreme_row(seed=3, **kwargs)]).token_ids[0] for _ in range(2)]
+    assert seeded[0] == seeded[1] and seeded[0] in allowed
+    probs = Sampler().probs(logits[:1], rows[:1])[0]
+    assert not probs.isnan().any() and {i for i, p in enumerate(probs.tolist()) if p > 0} == allowed
+
+
+def test_nan_or_inf_from_the_model_and_an_empty_row_raise():
+    logits = torch.tensor([EXTREME_LOGITS] * 3)
+    logits[1, 2] = float("nan")
+    rows = [make_row(SamplingParams(temperature=t)) for t in (0, 1, 0)]
+    for sample in (Sampler().__call__, Sampler().probs):
+        with pytest.raises(FloatingPointError, match=r"NaN or \+inf .*forward pass\); rows \[1\] of the batch"):
+            sample(logits, rows)
+        with pytest.raises(FloatingPointError, match=r"NaN or \+inf .*forward pass\)$"):
+            sample(logits[1:2] * 0 + float("inf"), rows[:1])
+        # every token but EOS at -inf from the model, and min_tokens masks EOS
+        empty = torch.full((1, 6), float("-inf"))
+        empty[0, 5] = 1.0
+        with pytest.raises(FloatingPointError, match="no token is left"):
+            sample(empty, [extreme_row(temperature=0.5)])
