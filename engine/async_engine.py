@@ -33,6 +33,11 @@ class EngineDeadError(RuntimeError):
     """The engine thread has stopped on an error: no request can run any more (the process should restart)."""
 
 
+class RequestFailedError(RuntimeError):
+    """An internal fault failed this request (its sampling, its output, or the step it was in); the engine goes on
+    serving the others. Not a ValueError: the request itself was valid (an HTTP server answers 500, not 400)."""
+
+
 class AsyncEngine:
     def __init__(self, model: str | EngineConfig, *, env: envs.Env | None = None, **engine_args):
         """model: a checkpoint directory, with EngineConfig's options as keyword arguments; or an EngineConfig.
@@ -93,7 +98,8 @@ class AsyncEngine:
 
     async def add_request(self, request_id: str, prompt_token_ids: list[int],
                           params: SamplingParams) -> AsyncIterator[DeltaOutput]:
-        """Yields the request's deltas; leaving early (disconnect, cancellation) aborts it."""
+        """Yields the request's deltas; leaving early (disconnect, cancellation) aborts it. Raises ValueError for an
+        invalid request, RequestFailedError when an internal fault fails it, EngineDeadError once the engine is gone."""
         if not self.is_healthy():
             raise EngineDeadError(f"the engine stopped: {self.failure!r}")
         self.core.validate(prompt_token_ids, params)
@@ -109,6 +115,8 @@ class AsyncEngine:
                 if isinstance(d, BaseException):
                     raise d
                 finished = d.finished
+                if d.error is not None:
+                    raise RequestFailedError(d.error)
                 yield d
         finally:
             self._streams.pop(request_id, None)
@@ -178,7 +186,7 @@ class AsyncEngine:
                     self._post(rid, e)
                 except Exception as e:  # a bug met by one request fails that request, not the engine
                     log.exception("adding request %s failed", rid)
-                    self._post(rid, RuntimeError(f"engine error: {type(e).__name__}: {e}"))
+                    self._post(rid, RequestFailedError(f"engine error: {type(e).__name__}: {e}"))
             else:
                 d = self.core.abort(msg[1])
                 if d is not None:
@@ -190,7 +198,7 @@ class AsyncEngine:
     def _fail_all(self, exc: Exception) -> None:
         for rid in list(self.core.requests):
             self.core.abort(rid)
-            self._post(rid, RuntimeError(f"engine error: {exc}"))
+            self._post(rid, RequestFailedError(f"engine error: {type(exc).__name__}: {exc}"))
 
     def _post(self, rid: str, item) -> None:
         stream = self._streams.get(rid)

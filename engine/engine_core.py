@@ -79,7 +79,7 @@ class EngineCore:
         self.runner = ModelRunner(self.model, self.kv, self.device, c.num_speculative_tokens, c.spec_max_batch_size,
                                   cpu_model)
         self.requests: dict[str, Request] = {}
-        self.counters = {"aborted": 0, "steps": 0}
+        self.counters = {"aborted": 0, "failed": 0, "steps": 0}
         # Everything allocated so far (modules, weights' Python objects, imported libraries) lives as long as the
         # engine: moving it out of the collector's generations keeps each collection, which the per-step
         # allocations trigger, from walking it (measured: ~5% of a batch-1 decode step went to gc).
@@ -143,7 +143,10 @@ class EngineCore:
 
     # -- the step -------------------------------------------------------------------------------------------
     def step(self, before_forward=None) -> list[DeltaOutput]:
-        """One scheduler step. `before_forward` (optional) is called once, just before the model runs."""
+        """One scheduler step. `before_forward` (optional) is called once, just before the model runs.
+
+        A fault met by one request (its sampling, stop handling, output) fails that request alone: its delta has
+        finish_reason "error" and the message in `error`. A fault of the whole batch (the model) raises."""
         batch = self.scheduler.schedule()
         if not batch.requests:
             return []
@@ -158,11 +161,20 @@ class EngineCore:
         return deltas
 
     def _delta(self, req: Request) -> DeltaOutput:
-        new_ids = req.output_token_ids[req.num_sent:]
-        new_lp = req.logprobs[req.num_sent:] if req.params.logprobs is not None else None
-        req.num_sent = len(req.output_token_ids)
-        return DeltaOutput(req.request_id, new_ids, req.detok.delta(req.finished), new_lp, req.finished,
-                           req.finish_reason, req.stop_reason, len(req.prompt_token_ids), len(req.output_token_ids))
+        if req.error is None:
+            try:
+                new_ids = req.output_token_ids[req.num_sent:]
+                new_lp = req.logprobs[req.num_sent:] if req.params.logprobs is not None else None
+                text = req.detok.delta(req.finished)
+                req.num_sent = len(req.output_token_ids)
+                return DeltaOutput(req.request_id, new_ids, text, new_lp, req.finished, req.finish_reason,
+                                   req.stop_reason, len(req.prompt_token_ids), len(req.output_token_ids))
+            except Exception as e:  # a bug met by one request fails that request alone
+                log.exception("request %s: building its output failed", req.request_id)
+                self.scheduler.fail(req, f"building the output failed: {type(e).__name__}: {e}")
+        self.counters["failed"] += 1
+        return DeltaOutput(req.request_id, [], "", None, True, "error", None, len(req.prompt_token_ids),
+                           len(req.output_token_ids), error=req.error)
 
     def stats(self) -> dict:
         kv = self.kv

@@ -25,11 +25,16 @@ class LLM:
         if len(param_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(param_list)} SamplingParams")
         reqs = []
-        for prompt, p in zip(prompts, param_list):
-            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            reqs.append(self.engine.add_request(str(next(self._ids)), ids, p))
-        while self.engine.has_unfinished():
-            self.engine.step()
+        try:
+            for prompt, p in zip(prompts, param_list):
+                ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+                reqs.append(self.engine.add_request(str(next(self._ids)), ids, p))
+            while self.engine.has_unfinished():
+                self.engine.step()
+        except BaseException:  # a bad prompt, a fault of a whole step, Ctrl-C: nothing stays in the engine
+            for r in reqs:
+                self.engine.abort(r.request_id)
+            raise
         return [RequestOutput(r.request_id, r.prompt_token_ids, [CompletionOutput(
             0, r.detok.text, list(r.output_token_ids), r.logprobs if r.params.logprobs is not None else None,
             r.finish_reason, r.stop_reason)]) for r in reqs]

@@ -4,6 +4,8 @@ The runner reads request state and returns results (StepResult, drafts); the sch
 from __future__ import annotations
 
 import itertools
+import logging
+from typing import Callable
 
 import torch
 
@@ -14,6 +16,8 @@ from exaserve.engine.request import Request
 from exaserve.engine.sampler import Sampler, SamplingRow, plain_greedy
 from exaserve.engine.scheduler import ScheduledBatch, StepResult
 from exaserve.engine.spec_decode import SpecStats, verify
+
+log = logging.getLogger("exaserve.engine")
 
 
 def _row(r: Request) -> SamplingRow:
@@ -94,7 +98,7 @@ class ModelRunner:
                 plain.append(s)
                 rows_plain.append(end - 1)
         m = len(batch)
-        result = StepResult([[] for _ in range(m)], [[] for _ in range(m)], [0] * m)
+        result = StepResult([[] for _ in range(m)], [[] for _ in range(m)], [0] * m, [None] * m)
         sample_rows = [_row(batch.requests[s]) for s in plain]
         if self.cpu_model is not None and plain and not spec and not self.num_speculative_tokens:
             # nothing needs the hidden states: on the C++ path the step is one call, up to the sampled rows'
@@ -106,28 +110,44 @@ class ModelRunner:
                 for s, tok in zip(plain, out.tolist()):
                     result.tokens[s], result.logprobs[s] = [tok], [None]
             else:
-                self._sampled(result, plain, self.sampler(out, sample_rows))
+                self._sample(result, batch, plain, out, sample_rows)
             return result
         input_ids, positions, meta = self.prepare(batch)
         hidden = self.forward(input_ids, positions, meta, self.kv, before_forward)
         self._hidden = hidden
         if plain:
-            self._sampled(result, plain, self.sampler(self.model.compute_logits(hidden[rows_plain]), sample_rows))
+            self._sample(result, batch, plain, self.model.compute_logits(hidden[rows_plain]), sample_rows)
         if spec:
-            reqs = [batch.requests[s] for s in spec]
-            drafts = [r.spec_token_ids for r in reqs]
-            tokens, lps = verify(self.sampler, self.model.compute_logits(hidden[rows_spec]), [_row(r) for r in reqs],
-                                 drafts)
-            for s, d, tok, lp in zip(spec, drafts, tokens, lps):
+            self._verify(result, batch, spec, self.model.compute_logits(hidden[rows_spec]))
+        return result
+
+    def _sample(self, result: StepResult, batch: ScheduledBatch, plain: list[int], logits: torch.Tensor,
+                rows: list[SamplingRow]) -> None:
+        """One token for each request of `plain` (batch indices; logits and rows in that order)."""
+        def run(js: list[int]) -> None:
+            out = self.sampler(logits if len(js) == len(rows) else logits[js], [rows[j] for j in js])
+            for j, tok, lp in zip(js, out.token_ids, out.logprobs):
+                result.tokens[plain[j]], result.logprobs[plain[j]] = [tok], [lp]
+
+        _each_alone_on_failure(run, result, [batch.requests[s] for s in plain], plain)
+
+    def _verify(self, result: StepResult, batch: ScheduledBatch, spec: list[int], logits: torch.Tensor) -> None:
+        """Verify the drafts of each request of `spec` (batch indices) against its 1 + len(drafts) logits rows."""
+        reqs = [batch.requests[s] for s in spec]
+        rows = [_row(r) for r in reqs]
+        drafts = [r.spec_token_ids for r in reqs]
+        starts = [0, *itertools.accumulate(len(d) + 1 for d in drafts)]
+
+        def run(js: list[int]) -> None:
+            part = logits if len(js) == len(reqs) else logits[[i for j in js for i in range(starts[j], starts[j + 1])]]
+            tokens, lps = verify(self.sampler, part, [rows[j] for j in js], [drafts[j] for j in js])
+            for j, tok, lp in zip(js, tokens, lps):
+                s, d = spec[j], drafts[j]
                 result.tokens[s], result.logprobs[s] = tok, lp
                 result.num_rejected[s] = len(d) + 1 - len(tok)
                 self.spec_stats.record(len(d), len(tok) - 1)
-        return result
 
-    @staticmethod
-    def _sampled(result: StepResult, plain: list[int], out) -> None:
-        for s, tok, lp in zip(plain, out.token_ids, out.logprobs):
-            result.tokens[s], result.logprobs[s] = [tok], [lp]
+        _each_alone_on_failure(run, result, reqs, spec)
 
     # -- MTP drafting -------------------------------------------------------------------------------------------
     def propose(self, batch: ScheduledBatch, result: StepResult) -> list[list[int]]:
@@ -139,7 +159,7 @@ class ModelRunner:
         starts, counts, ids, rows, live = [], [], [], [], []
         offsets = [0, *itertools.accumulate(batch.num_new_tokens)]
         for s, r in enumerate(batch.requests):
-            if r.ring_slot < 0:
+            if r.ring_slot < 0 or result.errors[s] is not None:     # finished, or failing in this step
                 continue
             n = batch.num_new_tokens[s] - result.num_rejected[s]     # positions this step made valid
             start = r.num_computed_tokens
@@ -185,3 +205,29 @@ class ModelRunner:
             _, pos_t, meta = self._step_tensors(reqs, pos, [1] * len(reqs), [], pos)
             h = self.model.mtp_forward(tokens, h, pos_t, meta, self.kv)
         return drafts
+
+
+def _each_alone_on_failure(run: Callable[[list[int]], None], result: StepResult, reqs: list[Request],
+                           batch_index: list[int]) -> None:
+    """run(js) samples the requests reqs[j] for j in js, writing into `result`. When a run over them all raises,
+    each runs alone (seeded generators rewound first, so its tokens are those it would have had), and one that
+    still raises fails alone: its error goes to result.errors, the others keep their tokens."""
+    states = [r.generator.get_state() if r.generator is not None else None for r in reqs]
+    try:
+        run(list(range(len(reqs))))
+        return
+    except Exception as e:
+        if len(reqs) == 1:
+            log.error("request %s: sampling failed", reqs[0].request_id, exc_info=e)
+            result.errors[batch_index[0]] = f"sampling failed: {type(e).__name__}: {e}"
+            return
+        log.warning("sampling %d requests together failed (%s: %s); sampling each alone", len(reqs),
+                    type(e).__name__, e)
+    for j, (r, state) in enumerate(zip(reqs, states)):
+        if state is not None:
+            r.generator.set_state(state)
+        try:
+            run([j])
+        except Exception as e:
+            log.error("request %s: sampling failed", r.request_id, exc_info=e)
+            result.errors[batch_index[j]] = f"sampling failed: {type(e).__name__}: {e}"

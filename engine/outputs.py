@@ -29,7 +29,8 @@ class DeltaOutput:
     text: str                                     # text new since the last delta (stop strings already cut)
     logprobs: list[dict[int, float]] | None
     finished: bool
-    finish_reason: str | None                     # "stop" | "length" | "abort"
+    finish_reason: str | None                     # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None
     num_prompt_tokens: int
     num_output_tokens: int
+    error: str | None = None                      # with finish_reason "error": what failed this request alone

@@ -31,6 +31,7 @@ class Request:
     ring_slot: int = -1
     generator: torch.Generator | None = None
     finish_reason: str | None = None
+    error: str | None = None            # why it failed, with finish_reason "error"
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     first_token_time: float | None = None

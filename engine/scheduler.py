@@ -10,12 +10,15 @@ and the speculative decoder only return results.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from exaserve.engine.kv_cache import KVCache
 from exaserve.engine.request import Request, Status
+
+log = logging.getLogger("exaserve.engine")
 
 
 @dataclass
@@ -35,11 +38,12 @@ class ScheduledBatch:
 @dataclass
 class StepResult:
     """What one step produced per scheduled request, in batch order (ModelRunner.execute): the tokens it emits
-    (empty while a prompt is still being prefilled), their logprobs, and how many drafts were rejected (their
-    KV positions are void)."""
+    (empty while a prompt is still being prefilled), their logprobs, how many drafts were rejected (their
+    KV positions are void), and why its sampling failed, if it did (that request alone then fails)."""
     tokens: list[list[int]]
     logprobs: list[list[dict | None]]
     num_rejected: list[int]
+    errors: list[str | None]
 
 
 class Scheduler:
@@ -140,19 +144,28 @@ class Scheduler:
         """Apply one step's result: rejected drafts roll back (their KV positions are overwritten later), the new
         tokens are appended and checked against the stop conditions (a stop inside accepted drafts drops the
         tokens after it), finished requests release their memory, the others take their next drafts (`drafts`,
-        per request of the batch). Returns the requests that emitted tokens, in batch order."""
+        per request of the batch). A request whose sampling failed, or whose update raises, fails alone.
+        Returns the requests that emitted tokens or failed, in batch order."""
         emitted = []
         for s, (req, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
-            req.num_computed_tokens += n - result.num_rejected[s]
-            if req.num_computed_tokens <= len(req.prompt_token_ids):
-                self.num_prompt_tokens += n
-            for token, logprobs in zip(result.tokens[s], result.logprobs[s]):
-                self._append(req, token, logprobs)
-                if req.finished:
-                    break
-            if result.tokens[s]:
+            if result.errors[s] is not None:
+                self.fail(req, result.errors[s])
                 emitted.append(req)
-            req.spec_token_ids = [] if req.finished or drafts is None else drafts[s]
+                continue
+            try:
+                req.num_computed_tokens += n - result.num_rejected[s]
+                if req.num_computed_tokens <= len(req.prompt_token_ids):
+                    self.num_prompt_tokens += n
+                for token, logprobs in zip(result.tokens[s], result.logprobs[s]):
+                    self._append(req, token, logprobs)
+                    if req.finished:
+                        break
+                req.spec_token_ids = [] if req.finished or drafts is None else drafts[s]
+            except Exception as e:  # e.g. the detokenizer: a bug met by one request fails that request
+                log.exception("request %s: applying the step failed", req.request_id)
+                self.fail(req, f"applying the step failed: {type(e).__name__}: {e}")
+            if result.tokens[s] or req.error is not None:
+                emitted.append(req)
         return emitted
 
     def _append(self, req: Request, token: int, logprobs: dict | None) -> None:
@@ -179,6 +192,11 @@ class Scheduler:
         self.finish(req, reason, stop_reason)
         self.num_finished += 1
 
+    def fail(self, req: Request, error: str) -> None:
+        """Finished with finish_reason "error"; what it holds goes back."""
+        req.error = error
+        self.finish(req, "error")
+
     def finish(self, req: Request, reason: str, stop_reason=None) -> None:
         """Finished or aborted: everything it holds goes back at once."""
         if req.status == Status.RUNNING:
@@ -189,3 +207,4 @@ class Scheduler:
         req.status = Status.FINISHED
         req.finish_reason = reason
         req.stop_reason = stop_reason
+

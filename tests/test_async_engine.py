@@ -4,7 +4,7 @@ import asyncio
 import pytest
 
 from exaserve.engine import LLM, AsyncEngine, SamplingParams
-from exaserve.engine.async_engine import EngineDeadError
+from exaserve.engine.async_engine import EngineDeadError, RequestFailedError
 from exaserve.engine.tiny import make_tiny_checkpoint
 
 
@@ -114,6 +114,75 @@ def test_a_fault_while_adding_one_request_fails_only_that_request(tiny):
         bad, good, after = asyncio.run(main())
         assert isinstance(bad, RuntimeError) and "TypeError: injected fault" in str(bad)
         assert len(good) == 3 and len(after) == 3 and engine.is_healthy()
+    finally:
+        engine.shutdown()
+
+
+def test_a_request_that_fails_in_a_step_fails_alone(tiny):
+    """NaN logits for one request (a fault in its sampling): its stream raises RequestFailedError (a 500, not a 400:
+    no ValueError), the requests that shared its steps finish with their own tokens."""
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    offline = [o.outputs[0].token_ids for o in LLM(tiny, dtype="float32").generate(prompts, params)]
+    engine = AsyncEngine(tiny, dtype="float32", max_num_seqs=4)
+    bad = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0)
+    sample = engine.core.runner.sampler
+
+    def faulty(logits, rows):
+        rows_bad = [i for i, row in enumerate(rows) if row.params is bad]
+        if rows_bad:
+            logits = logits.clone()
+            logits[rows_bad, 0] = float("nan")
+        return sample(logits, rows)
+
+    engine.core.runner.sampler = faulty
+
+    async def run(rid, prompt, p):
+        out = []
+        async for d in engine.add_request(rid, prompt, p):
+            out += d.token_ids
+        return out
+
+    async def main():
+        results = await asyncio.gather(*(run(f"r{i}", q, params) for i, q in enumerate(prompts)),
+                                       run("bad", [20, 21], bad), return_exceptions=True)
+        return results, await run("after", prompts[0], params)
+
+    try:
+        results, after = asyncio.run(main())
+        assert results[:3] == offline and after == offline[0]
+        assert isinstance(results[3], RequestFailedError) and not isinstance(results[3], ValueError)
+        assert "FloatingPointError" in str(results[3]) and "NaN" in str(results[3])
+        s = engine.stats()
+        assert engine.is_healthy() and s["failed"] == 1 and s["blocks_used"] == 0 and s["ring_slots_used"] == 0
+    finally:
+        engine.shutdown()
+
+
+def test_a_fault_of_a_whole_step_fails_its_requests_not_the_engine(tiny):
+    engine = AsyncEngine(tiny, dtype="float32", max_num_seqs=4)
+    runner = engine.core.runner
+    owner, name = (runner.cpu_model, "rows_step") if runner.cpu_model is not None else (runner, "forward")
+    run = getattr(owner, name)
+    faults = [RuntimeError("injected forward fault")]
+
+    def forward_failing_once(*args, **kwargs):
+        if faults:
+            raise faults.pop()
+        return run(*args, **kwargs)
+
+    setattr(owner, name, forward_failing_once)
+
+    async def main():
+        first = await asyncio.gather(_tokens(engine, "a"), _tokens(engine, "b"), return_exceptions=True)
+        return first, await _tokens(engine, "after")
+
+    try:
+        first, after = asyncio.run(main())
+        # "a" is in the first step; "b" too, unless the engine thread took the step before "b" reached it
+        assert isinstance(first[0], RequestFailedError) and "RuntimeError: injected forward fault" in str(first[0])
+        assert isinstance(first[1], RequestFailedError) or len(first[1]) == 3
+        assert len(after) == 3 and engine.is_healthy() and engine.stats()["blocks_used"] == 0
     finally:
         engine.shutdown()
 
