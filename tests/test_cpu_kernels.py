@@ -437,3 +437,14 @@ def test_stale_build_lock_is_cleared():
     assert done.returncode == 0, done.stderr
     assert "interrupted kernel build" in done.stderr
     assert not (where / "lock").exists()
+
+
+def test_build_dir_is_per_environment(monkeypatch):
+    """Two virtual environments with the same torch version must not share a build folder: torch's builder sees
+    different include paths and rebuilds, so they would rebuild over each other on every start."""
+    import sys
+    here = kernels.cpu.build_dir([])
+    monkeypatch.setattr(sys, "prefix", sys.prefix + "-other-venv")
+    assert kernels.cpu.build_dir([]) != here
+    monkeypatch.undo()
+    assert kernels.cpu.build_dir([]) == here  # and stable within one environment

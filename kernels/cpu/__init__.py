@@ -5,8 +5,10 @@ machine that is not x86-64); callers then take the torch path. `extra_flags` (EX
 experiments) are added to the compiler's; the first load of a process fixes them, and the ops in
 kernels/cpu_ops.py run that build. Each build lives in its own folder
 under $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), named by a hash of the sources (SOURCES:
-exa_cpu.cpp and every header beside it), the compiler flags and the torch version, so checkouts of different
-versions never rebuild over each other; `exaserve build-kernels` builds ahead of time. It is compiled with
+exa_cpu.cpp and every header beside it), the compiler flags, the torch version and the Python environment
+(sys.prefix and torch's folder: torch's builder rebuilds when its include paths change, so two virtual
+environments sharing one folder rebuilt over each other), so checkouts of different versions and different
+environments never rebuild over each other; `exaserve build-kernels` builds ahead of time. It is compiled with
 -march=native: a cache directory must not be shared between machines of different CPU generations.
 
 Concurrent builds (two servers starting at once) wait on an flock, which the kernel releases when its holder
@@ -20,6 +22,7 @@ import hashlib
 import logging
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -39,6 +42,7 @@ def build_dir(extra_flags: list[str]) -> Path:
         key.update(f"{src.name}\0{len(data)}\0".encode())
         key.update(data)
     key.update(" ".join([*BASE_FLAGS, *extra_flags, torch.__version__]).encode())
+    key.update(f"\0{sys.prefix}\0{Path(torch.__file__).parent}".encode())
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
     return root / f"{NAME}-{key.hexdigest()[:16]}"
 
@@ -85,11 +89,20 @@ def _build(extra: tuple[str, ...]):
         if dt > 2:
             log.info("built the C++ CPU kernels in %.1f s (%s)", dt, where)
         _loaded.append((module, extra))
+        _check_openmp_spin()
         return module
     except Exception as e:  # no compiler, no ninja, a build error: fall back, but say so
         log.warning("C++ CPU kernels unavailable (%s: %s); using the slower torch path",
                     type(e).__name__, str(e).strip().splitlines()[-1] if str(e).strip() else "")
         return None
+
+
+def _check_openmp_spin() -> None:
+    import exaserve
+    if exaserve.OPENMP_SPIN == "late":
+        log.warning("torch was imported before exaserve, so its OpenMP threads keep libgomp's long spin-wait, "
+                    "which makes decoding several times slower when other processes share the cores; import "
+                    "exaserve first or set GOMP_SPINCOUNT=%d before starting Python", exaserve.OPENMP_SPIN_COUNT)
 
 
 def available() -> bool:
