@@ -100,6 +100,9 @@ class EngineCore:
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raises ValueError with a clear message if the request can never run."""
         params.validate(self.model_config.vocab_size)
+        if params.n != 1:
+            raise ValueError(f"n={params.n}: an engine request is one completion; add n requests (LLM.generate and "
+                             f"the HTTP server do) or use n=1")
         n = len(prompt_token_ids)
         if n == 0:
             raise ValueError("the prompt is empty")

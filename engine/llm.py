@@ -1,11 +1,13 @@
 """Offline batch API: `LLM(model=DIR).generate(prompts, params)`."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 from exaserve.engine.config import EngineConfig
 from exaserve.engine.engine_core import EngineCore
 from exaserve.engine.outputs import CompletionOutput, RequestOutput
+from exaserve.engine.request import Request
 from exaserve.engine.sampling_params import SamplingParams
 
 
@@ -16,25 +18,48 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
-    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """prompts: a string, a token-id list, or a list of either. Returns one RequestOutput per prompt."""
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """prompts: a string, a token-id list, or a list of either; sampling_params: one for all, or one per prompt.
+        Returns one RequestOutput per prompt, with `n` completions each."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        params = params or SamplingParams()
-        param_list = params if isinstance(params, list) else [params] * len(prompts)
+        sampling_params = sampling_params or SamplingParams()
+        param_list = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(param_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(param_list)} SamplingParams")
-        reqs = []
+        ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        return self._run(ids, param_list)
+
+    def _run(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
+        """Each prompt's n completions run as n engine requests; stepped until all are done."""
+        request_ids, groups = [], []   # per prompt: its id, and its engine requests
         try:
-            for prompt, p in zip(prompts, param_list):
-                ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-                reqs.append(self.engine.add_request(str(next(self._ids)), ids, p))
+            for ids, p in zip(prompts, params):
+                p.validate()  # n, before it makes copies (the engine validates each copy)
+                request_ids.append(rid := str(next(self._ids)))
+                groups.append(group := [])
+                for i, copy in enumerate(_completions(p)):
+                    group.append(self.engine.add_request(rid if p.n == 1 else f"{rid}-{i}", ids, copy))
             while self.engine.has_unfinished():
                 self.engine.step()
         except BaseException:  # a bad prompt, a fault of a whole step, Ctrl-C: nothing stays in the engine
-            for r in reqs:
+            for r in itertools.chain(*groups):
                 self.engine.abort(r.request_id)
             raise
-        return [RequestOutput(r.request_id, r.prompt_token_ids, [CompletionOutput(
-            0, r.detok.text, list(r.output_token_ids), r.logprobs if r.params.logprobs is not None else None,
-            r.finish_reason, r.stop_reason)]) for r in reqs]
+        return [RequestOutput(rid, group[0].prompt_token_ids, [_completion(i, r) for i, r in enumerate(group)])
+                for rid, group in zip(request_ids, groups)]
+
+
+def _completions(p: SamplingParams) -> list[SamplingParams]:
+    """n requests of one completion each; seeded ones get seed + i, so they differ but reproduce (as the HTTP
+    server does)."""
+    if p.n == 1:
+        return [p]
+    return [dataclasses.replace(p, n=1, seed=None if p.seed is None else p.seed + i) for i in range(p.n)]
+
+
+def _completion(index: int, r: Request) -> CompletionOutput:
+    return CompletionOutput(index, r.detok.text, list(r.output_token_ids),
+                            r.logprobs if r.params.logprobs is not None else None, r.finish_reason, r.stop_reason)
+

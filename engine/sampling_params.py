@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 MAX_LOGIT_BIAS = 100.0  # OpenAI's limit for logit_bias values
+MAX_N = 128  # OpenAI's limit for n
 
 
 # Temperatures below this decode greedily, as in vLLM: logits divided by a tiny temperature overflow to inf,
@@ -13,6 +14,7 @@ GREEDY_TEMPERATURE = 1e-5
 
 @dataclass
 class SamplingParams:
+    n: int = 1  # completions per prompt (LLM.generate runs them as n requests; the engine takes n = 1)
     max_tokens: int = 16
     temperature: float = 1.0  # below GREEDY_TEMPERATURE (0 included) = greedy
     top_p: float = 1.0
@@ -47,6 +49,7 @@ class SamplingParams:
             if not ok:
                 raise ValueError(message)
 
+        check(_is_int(self.n) and 1 <= self.n <= MAX_N, f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
         check(self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}")
         check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
@@ -79,7 +82,11 @@ class SamplingParams:
             )
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _valid_token_id(token_id, vocab_size: int | None) -> bool:
-    if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+    if not _is_int(token_id) or token_id < 0:
         return False
     return vocab_size is None or token_id < vocab_size

@@ -235,6 +235,8 @@ def test_logprobs_come_from_raw_logits_with_the_sampled_token_last():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
+        ({"n": 0}, "n must"),
+        ({"n": 129}, "n must"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"temperature": -0.1}, "temperature"),
         ({"top_p": 0.0}, "top_p"),

@@ -1,0 +1,40 @@
+"""The offline API: n completions per prompt."""
+import pytest
+
+from exaserve.engine import LLM, SamplingParams
+from exaserve.engine.tiny import make_tiny_checkpoint
+
+SAMPLED = dict(max_tokens=8, temperature=1.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    return LLM(str(make_tiny_checkpoint(tmp_path_factory.mktemp("llm_api"))), dtype="float32", max_num_seqs=8)
+
+
+def test_n_completions_per_prompt(llm):
+    out = llm.generate([[5, 6, 7], [8, 9]], [SamplingParams(n=3, seed=10, **SAMPLED), SamplingParams(n=1, **SAMPLED)])
+    assert [len(o.outputs) for o in out] == [3, 1] and [c.index for c in out[0].outputs] == [0, 1, 2]
+    assert out[0].prompt_token_ids == [5, 6, 7] and len({out[0].request_id, out[1].request_id}) == 2
+    # seeded completions take seed + i: each equals the n=1 request with that seed, so they differ and reproduce
+    single = [llm.generate([5, 6, 7], SamplingParams(seed=10 + i, **SAMPLED))[0].outputs[0]
+              for i in range(3)]
+    assert [c.token_ids for c in out[0].outputs] == [c.token_ids for c in single]
+    assert len({tuple(c.token_ids) for c in single}) > 1
+    assert all(c.finish_reason == "length" and len(c.token_ids) == 8 for c in out[0].outputs)
+    greedy = llm.generate("Cooking rice", SamplingParams(n=2, max_tokens=5, temperature=0))[0]
+    assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids and greedy.outputs[1].text
+    assert not llm.engine.requests and llm.engine.stats()["blocks_used"] == 0
+
+
+@pytest.mark.parametrize("n", [0, 129, 1.5, True])
+def test_n_out_of_range_is_rejected(llm, n):
+    with pytest.raises(ValueError, match=r"n must be an integer in \[1, 128\]"):
+        llm.generate([5, 6], SamplingParams(n=n))
+    assert not llm.engine.requests
+
+
+def test_an_engine_request_is_one_completion(llm):
+    with pytest.raises(ValueError, match="n=2: an engine request is one completion"):
+        llm.engine.add_request("x", [5, 6], SamplingParams(n=2))
+
