@@ -1,4 +1,4 @@
-"""The offline API: n completions per prompt."""
+"""The offline API: n completions per prompt, the progress bar."""
 import pytest
 
 from exaserve.engine import LLM, SamplingParams
@@ -12,17 +12,22 @@ def llm(tmp_path_factory):
     return LLM(str(make_tiny_checkpoint(tmp_path_factory.mktemp("llm_api"))), dtype="float32", max_num_seqs=8)
 
 
+def _tokens(outputs):
+    return [[c.token_ids for c in o.outputs] for o in outputs]
+
+
 def test_n_completions_per_prompt(llm):
-    out = llm.generate([[5, 6, 7], [8, 9]], [SamplingParams(n=3, seed=10, **SAMPLED), SamplingParams(n=1, **SAMPLED)])
+    out = llm.generate([[5, 6, 7], [8, 9]], [SamplingParams(n=3, seed=10, **SAMPLED), SamplingParams(n=1, **SAMPLED)],
+                       use_tqdm=False)
     assert [len(o.outputs) for o in out] == [3, 1] and [c.index for c in out[0].outputs] == [0, 1, 2]
     assert out[0].prompt_token_ids == [5, 6, 7] and len({out[0].request_id, out[1].request_id}) == 2
     # seeded completions take seed + i: each equals the n=1 request with that seed, so they differ and reproduce
-    single = [llm.generate([5, 6, 7], SamplingParams(seed=10 + i, **SAMPLED))[0].outputs[0]
+    single = [llm.generate([5, 6, 7], SamplingParams(seed=10 + i, **SAMPLED), use_tqdm=False)[0].outputs[0]
               for i in range(3)]
     assert [c.token_ids for c in out[0].outputs] == [c.token_ids for c in single]
     assert len({tuple(c.token_ids) for c in single}) > 1
     assert all(c.finish_reason == "length" and len(c.token_ids) == 8 for c in out[0].outputs)
-    greedy = llm.generate("Cooking rice", SamplingParams(n=2, max_tokens=5, temperature=0))[0]
+    greedy = llm.generate("Cooking rice", SamplingParams(n=2, max_tokens=5, temperature=0), use_tqdm=False)[0]
     assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids and greedy.outputs[1].text
     assert not llm.engine.requests and llm.engine.stats()["blocks_used"] == 0
 
@@ -30,7 +35,7 @@ def test_n_completions_per_prompt(llm):
 @pytest.mark.parametrize("n", [0, 129, 1.5, True])
 def test_n_out_of_range_is_rejected(llm, n):
     with pytest.raises(ValueError, match=r"n must be an integer in \[1, 128\]"):
-        llm.generate([5, 6], SamplingParams(n=n))
+        llm.generate([5, 6], SamplingParams(n=n), use_tqdm=False)
     assert not llm.engine.requests
 
 
@@ -38,3 +43,13 @@ def test_an_engine_request_is_one_completion(llm):
     with pytest.raises(ValueError, match="n=2: an engine request is one completion"):
         llm.engine.add_request("x", [5, 6], SamplingParams(n=2))
 
+
+def test_progress_bar_on_stderr_unless_turned_off(llm, capsys):
+    params = SamplingParams(n=2, max_tokens=4, temperature=0.0, ignore_eos=True)
+    capsys.readouterr()
+    quiet = llm.generate([[5, 6], [7, 8], [9]], params, use_tqdm=False)
+    assert capsys.readouterr() == ("", "")
+    shown = llm.generate([[5, 6], [7, 8], [9]], params)
+    out, err = capsys.readouterr()
+    assert out == "" and "Processed prompts" in err and "3/3" in err and "output: " in err and "toks/s" in err
+    assert _tokens(shown) == _tokens(quiet)
