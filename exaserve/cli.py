@@ -15,6 +15,7 @@ from pathlib import Path
 log = logging.getLogger("exaserve")
 
 STATS_INTERVAL_S = 10.0
+ENGINE_WATCH_INTERVAL_S = 0.5
 TINY_MODEL_NAME = "exaserve-tiny"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 
@@ -32,6 +33,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
     return value
 
 
@@ -77,6 +85,13 @@ def _serve_parser() -> argparse.ArgumentParser:
                         help="no drafting in steps with more running requests than this")
     parser.add_argument("--max-queue", type=_positive,
                         help="answer 429 while this many requests wait for their first token (default: no limit)")
+    parser.add_argument("--shutdown-timeout", type=_seconds, default=30.0,
+                        help="on SIGTERM/SIGINT, how long requests in flight may run on; then they end with an "
+                        "error (a second signal exits at once)")
+    parser.add_argument("--request-timeout", type=_seconds, default=30.0,
+                        help="how long a client may take to send a request's headers and body")
+    parser.add_argument("--timeout-keep-alive", type=_seconds, default=5.0,
+                        help="close a kept-alive connection idle this long between requests")
     return parser
 
 
@@ -145,12 +160,23 @@ def _run_loop(main) -> None:
         uvloop.run(main)
 
 
-async def _run(server, engine) -> None:
-    stats_task = asyncio.create_task(_log_stats(engine))
+async def _watch_engine(server, engine, failed: list) -> None:
+    """If the engine thread dies, /health already answers 503; stop serving too, so the process exits non-zero
+    and an orchestrator restarts it."""
+    while engine.is_healthy():
+        await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
+    log.error("the engine stopped (see the error above): shutting down")
+    failed.append(True)
+    server.should_exit = True
+
+
+async def _run(server, engine, sock, failed: list) -> None:
+    tasks = [asyncio.create_task(_log_stats(engine)), asyncio.create_task(_watch_engine(server, engine, failed))]
     try:
-        await server.serve()
+        await server.serve(sockets=[sock])
     finally:
-        stats_task.cancel()
+        for task in tasks:
+            task.cancel()
 
 
 def serve(argv: list[str]) -> int:
@@ -160,8 +186,14 @@ def serve(argv: list[str]) -> int:
 
     from exaserve.engine import AsyncEngine, envs
     from exaserve.engine.config import EngineConfig
+    from exaserve.server import http
     from exaserve.server.app import build_app
 
+    try:
+        # The port first: a busy one fails the start now, not after the model has loaded.
+        sock = http.bind(args.host, args.port)
+    except OSError as exc:
+        sys.exit(f"exaserve: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
     try:
         env = envs.read()
     except ValueError as exc:
@@ -194,14 +226,19 @@ def serve(argv: list[str]) -> int:
     log.info(_describe_pools(info))
     app = build_app(engine, served_model_name=name, api_key=api_key, chat_template=chat_template,
                     max_queue=args.max_queue)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_config=None))
+    config = uvicorn.Config(app, log_config=None, http=http.protocol(args.request_timeout),
+                            timeout_keep_alive=args.timeout_keep_alive)
+    server = http.Server(config, shutdown_timeout=args.shutdown_timeout,
+                         on_deadline=getattr(app.state.server, "fail_in_flight", None))
     log.info("Serving %r on http://%s:%d (OpenAI API under /v1)%s", name, args.host, args.port,
              "; API key required" if api_key else "")
+    failed: list = []
     try:
-        _run_loop(_run(server, engine))
+        _run_loop(_run(server, engine, sock, failed))
     finally:
         engine.shutdown()
-    return 0
+        sock.close()
+    return 1 if failed else 0
 
 
 def build_kernels(argv: list[str]) -> int:
