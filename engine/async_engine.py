@@ -196,9 +196,10 @@ class AsyncEngine:
             self._dispatch(out)
 
     def _fail_all(self, exc: Exception) -> None:
+        error = f"engine error: {type(exc).__name__}: {exc}"
         for rid in list(self.core.requests):
-            self.core.abort(rid)
-            self._post(rid, RequestFailedError(f"engine error: {type(exc).__name__}: {exc}"))
+            self.core.fail(rid, error)
+            self._post(rid, RequestFailedError(error))
 
     def _post(self, rid: str, item) -> None:
         stream = self._streams.get(rid)

@@ -141,6 +141,13 @@ class EngineCore:
         self.counters["aborted"] += 1
         return self._delta(req)
 
+    def fail(self, request_id: str, error: str) -> None:
+        """Finish a request with finish_reason "error" (the step it was in failed as a whole)."""
+        req = self.requests.pop(request_id, None)
+        if req is not None:
+            self.scheduler.fail(req, error)
+            self.counters["failed"] += 1
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 

@@ -182,7 +182,9 @@ def test_a_fault_of_a_whole_step_fails_its_requests_not_the_engine(tiny):
         # "a" is in the first step; "b" too, unless the engine thread took the step before "b" reached it
         assert isinstance(first[0], RequestFailedError) and "RuntimeError: injected forward fault" in str(first[0])
         assert isinstance(first[1], RequestFailedError) or len(first[1]) == 3
-        assert len(after) == 3 and engine.is_healthy() and engine.stats()["blocks_used"] == 0
+        s = engine.stats()
+        assert s["failed"] == sum(isinstance(e, RequestFailedError) for e in first) and s["aborted"] == 0
+        assert len(after) == 3 and engine.is_healthy() and s["blocks_used"] == 0
     finally:
         engine.shutdown()
 
