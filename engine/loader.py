@@ -4,11 +4,15 @@ Parameters are allocated once on the target device; each on-disk tensor is read 
 row range of a fused matrix, one expert of a stacked tensor), through a temporary buffer only when the dtype
 or device differs. Files are read with plain reads rather than mmap, so pages of the checkpoint never count
 towards the process's resident memory: peak host memory stays near the size of the final weights.
+
+Under tensor parallelism each rank reads only its slice of a split tensor: a row range straight from the
+file, a column range through a buffer of a few rows at a time, so no rank ever holds a whole split tensor.
 """
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,6 +20,7 @@ import torch
 from exaserve import kernels
 from exaserve.engine.config import ModelConfig
 from exaserve.engine.model import DecoderLayer, ExaoneMoeModel, MoE
+from exaserve.engine.parallel import SINGLE, Parallel
 from exaserve.kernels import Ops
 
 ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
@@ -24,6 +29,30 @@ ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IGNORABLE = re.compile(r".*rotary_emb\.inv_freq$|.*\.rotary_emb\..*")
+COLUMN_CHUNK_BYTES = 16 << 20   # buffer for reading a column slice, a few rows at a time
+
+
+@dataclass
+class Target:
+    """Where an on-disk tensor goes: `dst`, a view of our parameter; with `dim`, only the slice
+    [start, start + dst.shape[dim]) of the on-disk tensor's dimension `dim` (`full` long on disk)."""
+    dst: torch.Tensor
+    dim: int | None = None
+    start: int = 0
+    full: int = 0
+
+    @property
+    def disk_shape(self) -> tuple[int, ...]:
+        shape = list(self.dst.shape)
+        if self.dim is not None:
+            shape[self.dim] = self.full
+        return tuple(shape)
+
+
+def _sliced(dst: torch.Tensor, dim: int, start: int, full: int) -> Target:
+    if start == 0 and full == dst.shape[dim]:
+        return Target(dst)
+    return Target(dst, dim, start, full)
 
 
 class CheckpointError(ValueError):
@@ -53,12 +82,24 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.entries[name]["shape"])
 
-    def read_into(self, f, name: str, dst: torch.Tensor) -> None:
+    def read_into(self, f, name: str, dst: torch.Tensor, dim: int | None = None, start: int = 0) -> None:
+        """Read tensor `name` into dst, or with `dim`, its slice [start, start + dst.shape[dim]) along dim."""
         e = self.entries[name]
         dtype = ST_DTYPES.get(e["dtype"])
         if dtype is None:
             raise CheckpointError(f"tensor {name!r} has unsupported dtype {e['dtype']}")
         begin, end = e["data_offsets"]
+        shape = e["shape"]
+        if dim is not None:
+            if end - begin != torch.Size(shape).numel() * dtype.itemsize:
+                raise CheckpointError(f"tensor {name!r}: {end - begin} bytes on disk do not match its shape")
+            row_bytes = torch.Size(shape[1:]).numel() * dtype.itemsize
+            if dim == 0:  # a row range is contiguous on disk
+                begin, end = begin + start * row_bytes, begin + (start + dst.shape[0]) * row_bytes
+            elif dim == 1 and len(shape) == 2:
+                return self._read_columns(f, name, dtype, begin, row_bytes, dst, start)
+            else:
+                raise CheckpointError(f"tensor {name!r}: cannot slice dimension {dim} of shape {shape}")
         direct = dst.dtype == dtype and dst.device.type == "cpu" and dst.is_contiguous()
         buf = dst if direct else torch.empty(dst.shape, dtype=dtype)
         if end - begin != buf.numel() * buf.element_size():
@@ -68,6 +109,18 @@ class SafetensorsFile:
             raise CheckpointError(f"tensor {name!r} is truncated in {self.path.name}")
         if not direct:
             dst.copy_(buf)
+
+    def _read_columns(self, f, name, dtype, begin, row_bytes, dst, start) -> None:
+        rows, width = dst.shape[0], dst.shape[1]
+        step = max(1, COLUMN_CHUNK_BYTES // row_bytes)
+        buf = torch.empty(min(step, rows), row_bytes // dtype.itemsize, dtype=dtype)
+        f.seek(self.data_start + begin)
+        for r in range(0, rows, step):
+            part = buf[:min(step, rows - r)]
+            n = part.numel() * dtype.itemsize
+            if f.readinto(memoryview(part.view(-1).view(torch.uint8).numpy())) != n:
+                raise CheckpointError(f"tensor {name!r} is truncated in {self.path.name}")
+            dst[r:r + part.shape[0]].copy_(part[:, start:start + width])
 
 
 def checkpoint_files(path: Path) -> dict[str, SafetensorsFile]:
@@ -84,62 +137,81 @@ def checkpoint_files(path: Path) -> dict[str, SafetensorsFile]:
     return {name: st for name in st.entries}
 
 
-def _layer_targets(prefix: str, layer: DecoderLayer, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """On-disk name -> the view of our parameter it fills."""
-    a, nq, nkv = layer.attn, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+def _layer_targets(prefix: str, layer: DecoderLayer, cfg: ModelConfig, par: Parallel,
+                   elsewhere: set[str]) -> dict[str, Target]:
+    """On-disk name -> where it goes; names that belong to other ranks (expert parallel) go to `elsewhere`."""
+    a, d = layer.attn, cfg.head_dim
+    nq, nkv = a.nq * d, a.nkv * d                    # this rank's rows of q and of k (and of v)
     t = {
-        f"{prefix}.input_layernorm.weight": layer.input_norm.data,
-        f"{prefix}.post_attention_layernorm.weight": layer.post_norm.data,
-        f"{prefix}.self_attn.q_proj.weight": a.qkv.data[:nq],
-        f"{prefix}.self_attn.k_proj.weight": a.qkv.data[nq:nq + nkv],
-        f"{prefix}.self_attn.v_proj.weight": a.qkv.data[nq + nkv:],
-        f"{prefix}.self_attn.o_proj.weight": a.o.data,
-        f"{prefix}.self_attn.q_norm.weight": a.q_norm.data,
-        f"{prefix}.self_attn.k_norm.weight": a.k_norm.data,
+        f"{prefix}.input_layernorm.weight": Target(layer.input_norm.data),
+        f"{prefix}.post_attention_layernorm.weight": Target(layer.post_norm.data),
+        f"{prefix}.self_attn.q_proj.weight": _sliced(a.qkv.data[:nq], 0, par.rank * nq, cfg.num_heads * d),
+        f"{prefix}.self_attn.k_proj.weight": _sliced(a.qkv.data[nq:nq + nkv], 0, a.first_kv_head * d,
+                                                     cfg.num_kv_heads * d),
+        f"{prefix}.self_attn.v_proj.weight": _sliced(a.qkv.data[nq + nkv:], 0, a.first_kv_head * d,
+                                                     cfg.num_kv_heads * d),
+        f"{prefix}.self_attn.o_proj.weight": _sliced(a.o.data, 1, par.rank * nq, cfg.num_heads * d),
+        f"{prefix}.self_attn.q_norm.weight": Target(a.q_norm.data),
+        f"{prefix}.self_attn.k_norm.weight": Target(a.k_norm.data),
     }
     mlp = layer.mlp
     if isinstance(mlp, MoE):
-        t[f"{prefix}.mlp.gate.weight"] = mlp.router.data
-        t[f"{prefix}.mlp.e_score_correction_bias"] = mlp.bias.data
-        width = cfg.moe_intermediate_size
+        t[f"{prefix}.mlp.gate.weight"] = Target(mlp.router.data)
+        t[f"{prefix}.mlp.e_score_correction_bias"] = Target(mlp.bias.data)
+        full, width = cfg.moe_intermediate_size, mlp.w2.shape[2]
+        start = 0 if width == full else par.rank * width
         for e in range(cfg.num_experts):
-            t[f"{prefix}.mlp.experts.{e}.gate_proj.weight"] = mlp.w13.data[e, :width]
-            t[f"{prefix}.mlp.experts.{e}.up_proj.weight"] = mlp.w13.data[e, width:]
-            t[f"{prefix}.mlp.experts.{e}.down_proj.weight"] = mlp.w2.data[e]
+            name = f"{prefix}.mlp.experts.{e}"
+            local = e - mlp.first_expert
+            if not 0 <= local < mlp.num_local_experts:
+                elsewhere.update(f"{name}.{w}_proj.weight" for w in ("gate", "up", "down"))
+                continue
+            t[f"{name}.gate_proj.weight"] = _sliced(mlp.w13.data[local, :width], 0, start, full)
+            t[f"{name}.up_proj.weight"] = _sliced(mlp.w13.data[local, width:], 0, start, full)
+            t[f"{name}.down_proj.weight"] = _sliced(mlp.w2.data[local], 1, start, full)
         if mlp.shared is not None:
-            t.update(_mlp_targets(f"{prefix}.mlp.shared_experts", mlp.shared))
+            t.update(_mlp_targets(f"{prefix}.mlp.shared_experts", mlp.shared, par))
     else:
-        t.update(_mlp_targets(f"{prefix}.mlp", mlp))
+        t.update(_mlp_targets(f"{prefix}.mlp", mlp, par))
     return t
 
 
-def _mlp_targets(prefix, mlp) -> dict[str, torch.Tensor]:
+def _mlp_targets(prefix, mlp, par: Parallel) -> dict[str, Target]:
     width = mlp.down.shape[1]
-    return {f"{prefix}.gate_proj.weight": mlp.gate_up.data[:width],
-            f"{prefix}.up_proj.weight": mlp.gate_up.data[width:],
-            f"{prefix}.down_proj.weight": mlp.down.data}
+    start, full = par.rank * width, par.size * width
+    return {f"{prefix}.gate_proj.weight": _sliced(mlp.gate_up.data[:width], 0, start, full),
+            f"{prefix}.up_proj.weight": _sliced(mlp.gate_up.data[width:], 0, start, full),
+            f"{prefix}.down_proj.weight": _sliced(mlp.down.data, 1, start, full)}
 
 
-def weight_targets(model: ExaoneMoeModel) -> dict[str, torch.Tensor]:
-    cfg = model.cfg
-    t = {"model.embed_tokens.weight": model.embed.data, "model.norm.weight": model.norm.data}
+def weight_targets(model: ExaoneMoeModel) -> tuple[dict[str, Target], set[str]]:
+    """(on-disk name -> where it goes on this rank, names that other ranks load)."""
+    cfg, par = model.cfg, model.par
+    start = model.vocab_start
+    rows = max(0, min(model.embed.shape[0], cfg.vocab_size - start))   # the last rank's shard may be padded
+
+    def vocab(param):
+        return _sliced(param.data[:rows], 0, start, cfg.vocab_size)
+
+    elsewhere: set[str] = set()
+    t = {"model.embed_tokens.weight": vocab(model.embed), "model.norm.weight": Target(model.norm.data)}
     if not cfg.tie_word_embeddings:
-        t["lm_head.weight"] = model.lm_head.data
+        t["lm_head.weight"] = vocab(model.lm_head)
     for i, layer in enumerate(model.layers):
-        t.update(_layer_targets(f"model.layers.{i}", layer, cfg))
+        t.update(_layer_targets(f"model.layers.{i}", layer, cfg, par, elsewhere))
     if model.mtp is not None:
         m = model.mtp
-        t.update({"mtp.pre_fc_norm_embedding.weight": m.norm_embedding.data,
-                  "mtp.pre_fc_norm_hidden.weight": m.norm_hidden.data,
-                  "mtp.fc.weight": m.fc.data, "mtp.norm.weight": m.norm.data})
-        t.update(_layer_targets("mtp.layers.0", m.layer, cfg))
-    return t
+        t.update({"mtp.pre_fc_norm_embedding.weight": Target(m.norm_embedding.data),
+                  "mtp.pre_fc_norm_hidden.weight": Target(m.norm_hidden.data),
+                  "mtp.fc.weight": Target(m.fc.data), "mtp.norm.weight": Target(m.norm.data)})
+        t.update(_layer_targets("mtp.layers.0", m.layer, cfg, par, elsewhere))
+    return t, elsewhere
 
 
 def load_model(path: str | Path, dtype="float32", device="cpu", cfg: ModelConfig | None = None,
-               act_dtype=None, ops: Ops | None = None) -> ExaoneMoeModel:
+               act_dtype=None, ops: Ops | None = None, par: Parallel = SINGLE) -> ExaoneMoeModel:
     """Weights in `dtype`; activations in `act_dtype` (default: the same); ops: the kernel backend's op table
-    (default: the torch path)."""
+    (default: the torch path); par: this rank's share under tensor parallelism (default: everything)."""
     path = Path(path)
     ops = ops or kernels.select("torch", device)
     cfg = cfg or ModelConfig.from_pretrained(path)
@@ -147,20 +219,20 @@ def load_model(path: str | Path, dtype="float32", device="cpu", cfg: ModelConfig
     files = checkpoint_files(path)
     with_mtp = any(name.startswith("mtp.") for name in files)
     with torch.device(device):
-        model = ExaoneMoeModel(ops, cfg, dtype=dtype, with_mtp=with_mtp, act_dtype=act_dtype)
-    targets = weight_targets(model)
+        model = ExaoneMoeModel(ops, cfg, dtype=dtype, with_mtp=with_mtp, act_dtype=act_dtype, par=par)
+    targets, elsewhere = weight_targets(model)
     ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
 
     by_file: dict[SafetensorsFile, list[str]] = {}
     for name, st in files.items():
         if name not in targets:
-            if name in ignorable or IGNORABLE.match(name):
+            if name in elsewhere or name in ignorable or IGNORABLE.match(name):
                 continue
             raise CheckpointError(f"unexpected tensor {name!r} in {st.path.name}: it has no place in an exaone_moe "
                                   f"model with this config.json")
-        if st.shape(name) != tuple(targets[name].shape):
+        if st.shape(name) != targets[name].disk_shape:
             raise CheckpointError(f"tensor {name!r} has shape {list(st.shape(name))} but the config needs "
-                                  f"{list(targets[name].shape)}")
+                                  f"{list(targets[name].disk_shape)}")
         by_file.setdefault(st, []).append(name)
     missing = sorted(set(targets) - set(files))
     if missing:
@@ -170,5 +242,6 @@ def load_model(path: str | Path, dtype="float32", device="cpu", cfg: ModelConfig
     for st, names in by_file.items():
         with open(st.path, "rb") as f:
             for name in sorted(names, key=lambda n: st.entries[n]["data_offsets"][0]):
-                st.read_into(f, name, targets[name])
+                target = targets[name]
+                st.read_into(f, name, target.dst, target.dim, target.start)
     return model
