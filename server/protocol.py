@@ -5,6 +5,7 @@ model validation would only cost time.
 """
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -12,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     BaseModel,
     ConfigDict,
@@ -22,9 +24,43 @@ from pydantic import (
     model_validator,
 )
 
+from exaserve.engine.chat_template import RESERVED_VARIABLES
+
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields of newer API versions and of other servers
+    # extra: clients send fields of newer API versions and of other servers. strict: no type coercion, as in the
+    # OpenAI API: true is not the integer 1 (max_tokens, n, token ids), 1.5 or "2" not an integer, 1 not a boolean;
+    # an integer still passes where a number is expected (temperature 1).
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+# Deeper JSON is refused before validation: pydantic validates nested values recursively (a tool schema 1000
+# levels deep raised RecursionError), and no real request nests more than a few levels.
+MAX_JSON_DEPTH = 64
+
+
+def json_depth_exceeds(value, limit: int) -> bool:
+    """Whether parsed JSON nests lists and objects more than `limit` deep (a bare value is depth 0); iterative,
+    so any depth is safe to check."""
+    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def _no_reserved_variables(kwargs: dict[str, Any]) -> dict[str, Any]:
+    reserved = sorted(RESERVED_VARIABLES & kwargs.keys())
+    if reserved:
+        raise ValueError(f"{reserved[0]!r} is set by the server from the request itself; it cannot be a template "
+                         f"kwarg")
+    return kwargs
+
+
+TemplateKwargs = Annotated[dict[str, Any], AfterValidator(_no_reserved_variables)]
 
 
 # ---------------------------------------------------------------- chat messages and tools
@@ -149,6 +185,14 @@ class _SamplingRequest(_Model):
     def _stop_as_list(cls, value):
         return [value] if isinstance(value, str) else value
 
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _token_id_keys(cls, value):
+        # JSON object keys are strings: decimal ones are token ids; others ("1.5", "true") stay and fail as ints.
+        if isinstance(value, dict):
+            return {int(k) if isinstance(k, str) and re.fullmatch(r"[0-9]+", k) else k: v for k, v in value.items()}
+        return value
+
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
@@ -181,8 +225,10 @@ class ChatCompletionRequest(_SamplingRequest):
     tools: list[ToolDef] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: TemplateKwargs | None = None
     add_generation_prompt: bool = True
+    # OpenAI's efforts (the openai client's ReasoningEffort); see template_kwargs for what they do here.
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
 
     @field_validator("tool_choice")
     @classmethod
@@ -207,6 +253,18 @@ class ChatCompletionRequest(_SamplingRequest):
     def template_tools(self) -> list[dict] | None:
         return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.tools else None
 
+    def template_kwargs(self) -> dict[str, Any]:
+        """chat_template_kwargs, plus reasoning_effort under its own name (a template may read it). EXAONE either
+        thinks or not (enable_thinking, on by default): "none" turns thinking off unless chat_template_kwargs sets
+        enable_thinking; the other efforts leave it on, since the model has no shorter way to reason. Keys set in
+        chat_template_kwargs win."""
+        kwargs = dict(self.chat_template_kwargs or {})
+        if self.reasoning_effort is not None:
+            kwargs.setdefault("reasoning_effort", self.reasoning_effort)
+            if self.reasoning_effort == "none":
+                kwargs.setdefault("enable_thinking", False)
+        return kwargs
+
     def to_sampling_kwargs(self, defaults: Mapping[str, Any] | None = None, *,
                            default_max_tokens: int | None = None) -> dict:
         """SamplingParams kwargs: request values, else `defaults` (generation_config.json), else the engine's.
@@ -221,12 +279,29 @@ class CompletionRequest(_SamplingRequest):
     max_tokens: int | None = Field(16, ge=1)  # null: up to the end of the context
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+    # Accepted only where they change nothing, so that no request is silently answered as another one.
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
 
     @field_validator("prompt")
     @classmethod
     def _no_empty_prompts(cls, value):
         if isinstance(value, list) and (not value or any(isinstance(p, list) and not p for p in value)):
             raise ValueError("must not be empty")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value):
+        if value:
+            raise ValueError("not supported: this server does not insert text (no fill-in-the-middle)")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value, info: ValidationInfo):
+        if value is not None and value != info.data.get("n"):
+            raise ValueError("only best_of equal to n is supported: the server does not pick among extra samples")
         return value
 
     def prompts(self) -> list[str | list[int]]:
@@ -250,7 +325,7 @@ class TokenizeRequest(_Model):
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     tools: list[ToolDef] | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: TemplateKwargs | None = None
 
     @model_validator(mode="after")
     def _prompt_or_messages(self):

@@ -17,6 +17,7 @@ from exaserve.server.protocol import (
     chat_response,
     completion_logprobs,
     error_body,
+    json_depth_exceeds,
     new_request_id,
     sse_event,
     usage,
@@ -88,12 +89,90 @@ def test_parse_tools_needs_tools_and_a_choice_other_than_none():
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages[0].content"),
     ({"messages": [{"role": "user"}]}, "messages[0]"),
+    # strict types: a boolean is not an integer, a fraction not an integer, a string not a number
+    ({"max_tokens": True}, "max_tokens"),
+    ({"max_completion_tokens": 1.5}, "max_completion_tokens"),
+    ({"n": True}, "n"),
+    ({"n": 2.0}, "n"),
+    ({"seed": False}, "seed"),
+    ({"top_k": True}, "top_k"),
+    ({"top_logprobs": True}, "top_logprobs"),
+    ({"logprobs": 1}, "logprobs"),
+    ({"temperature": "0.5"}, "temperature"),
+    ({"temperature": True}, "temperature"),
+    ({"stream": "yes"}, "stream"),
+    ({"stop_token_ids": [True]}, "stop_token_ids[0]"),
+    ({"logit_bias": {"5": True}}, "logit_bias[5]"),
+    ({"logit_bias": {"1.5": 1}}, "logit_bias"),
+    ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
+    ({"chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs"),
+    ({"reasoning_effort": "extreme"}, "reasoning_effort"),
 ])
 def test_bad_chat_requests_name_the_field(fields, param):
     with pytest.raises(ValidationError) as info:
         chat(**fields)
     message, got = validation_error_message(info.value)
     assert got == param and message.startswith(param + ": ")
+
+
+def test_strict_types_keep_what_openai_accepts():
+    req = chat(temperature=1, top_p=1, presence_penalty=0, max_tokens=5, n=2, seed=-3, logit_bias={"7": 1})
+    assert req.temperature == 1.0 and isinstance(req.temperature, float) and req.logit_bias == {7: 1.0}
+    assert req.max_tokens == 5 and req.n == 2 and req.seed == -3
+
+
+@pytest.mark.parametrize("prompt", [[True, False], [[1, True]], [1.5], "x".encode()])
+def test_token_id_prompts_are_integers(prompt):
+    with pytest.raises(ValidationError) as info:
+        CompletionRequest.model_validate({"prompt": prompt})
+    assert validation_error_message(info.value)[1] == "prompt"
+    with pytest.raises(ValidationError):
+        DetokenizeRequest.model_validate({"tokens": [1, True]})
+
+
+def test_reserved_template_kwargs_are_refused_by_name():
+    for name in ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token"):
+        with pytest.raises(ValidationError) as info:
+            TokenizeRequest.model_validate({"messages": [USER], "chat_template_kwargs": {name: 1}})
+        message, param = validation_error_message(info.value)
+        assert param == "chat_template_kwargs" and repr(name) in message
+    # any other name is a template variable, those of render_chat's own parameters included
+    assert chat(chat_template_kwargs={"template": "x"}).template_kwargs() == {"template": "x"}
+
+
+def test_reasoning_effort():
+    assert chat().template_kwargs() == {}
+    assert chat(reasoning_effort="none").template_kwargs() == {"reasoning_effort": "none", "enable_thinking": False}
+    assert chat(reasoning_effort="high").template_kwargs() == {"reasoning_effort": "high"}
+    assert chat(reasoning_effort="minimal").template_kwargs() == {"reasoning_effort": "minimal"}
+    # chat_template_kwargs say it explicitly: they win
+    assert chat(reasoning_effort="none", chat_template_kwargs={"enable_thinking": True}).template_kwargs() == {
+        "reasoning_effort": "none", "enable_thinking": True}
+
+
+def test_suffix_and_best_of_are_refused_unless_they_change_nothing():
+    def completion(**fields):
+        return CompletionRequest.model_validate({"prompt": "a", **fields})
+
+    assert completion(suffix=None).suffix is None and completion(suffix="").suffix == ""
+    assert completion(best_of=None).best_of is None and completion(n=3, best_of=3).best_of == 3
+    for fields, param, fragment in (({"suffix": "end"}, "suffix", "not supported"),
+                                    ({"best_of": 2}, "best_of", "best_of equal to n"),
+                                    ({"n": 2, "best_of": 4}, "best_of", "best_of equal to n")):
+        with pytest.raises(ValidationError) as info:
+            completion(**fields)
+        message, got = validation_error_message(info.value)
+        assert got == param and fragment in message
+
+
+def test_json_depth():
+    assert not json_depth_exceeds({"a": [1, {"b": []}]}, 4) and json_depth_exceeds({"a": [1, {"b": []}]}, 3)
+    assert json_depth_exceeds({"a": [1, {"b": [[]]}], "c": 1}, 4)
+    assert not json_depth_exceeds("text", 0) and not json_depth_exceeds([], 1) and json_depth_exceeds([], 0)
+    deep = []
+    for _ in range(100_000):  # far past the recursion limit: the check is iterative
+        deep = [deep]
+    assert json_depth_exceeds({"x": deep}, 64) and not json_depth_exceeds({"x": deep}, 100_002)
 
 
 def test_error_envelope():
@@ -125,7 +204,7 @@ def test_completion_request():
     assert CompletionRequest(prompt=["a", "b"]).prompts() == ["a", "b"]
     assert CompletionRequest(prompt=[1, 2]).prompts() == [[1, 2]]
     assert CompletionRequest(prompt=[[1], [2, 3]]).prompts() == [[1], [2, 3]]
-    req = CompletionRequest.model_validate({"prompt": "a", "logprobs": 2, "echo": True, "suffix": "ignored"})
+    req = CompletionRequest.model_validate({"prompt": "a", "logprobs": 2, "echo": True, "suffix": ""})
     assert req.to_sampling_kwargs({"top_p": 0.5})["max_tokens"] == 16  # the OpenAI default
     assert req.to_sampling_kwargs()["logprobs"] == 2 and req.echo
     assert CompletionRequest(prompt="a", max_tokens=None).to_sampling_kwargs(default_max_tokens=77)["max_tokens"] == 77

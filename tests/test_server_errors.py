@@ -52,7 +52,7 @@ BAD = {
     "top_p > 1": (completion(top_p=1.5), 400, ["top_p"], "top_p"),
     "n < 1": (chat(n=0), 400, ["n"], "n"),
     "too many top_logprobs": (chat(logprobs=True, top_logprobs=21), 400, ["top_logprobs"], "top_logprobs"),
-    "logit bias out of range": (chat(logit_bias={"5": 500}), 400, ["logit_bias"], "logit_bias"),
+    "logit bias out of range": (chat(logit_bias={"5": 500}), 400, ["logit_bias[5]"], "logit_bias[5]"),
     "no messages": (("/v1/chat/completions", {"model": MODEL}), 400, ["messages"], "messages"),
     "empty messages": (chat(messages=[]), 400, ["messages"], "messages"),
     "messages not a list": (chat(messages="hi"), 400, ["messages"], "messages"),
@@ -69,6 +69,15 @@ BAD = {
     "token id outside the vocabulary": (completion(prompt=[1, 10**6]), 400, [str(10**6), "vocabulary"], None),
     "unknown model": (chat(model="gpt-4"), 404, ["gpt-4"], "model"),
     "detokenize a bad id": (("/detokenize", {"tokens": [-1]}), 400, ["-1"], "tokens"),
+    "max_tokens true": (chat(max_tokens=True), 400, ["max_tokens"], "max_tokens"),
+    "fractional max_tokens": (completion(max_tokens=1.5), 400, ["max_tokens"], "max_tokens"),
+    "boolean token ids": (completion(prompt=[True, False]), 400, ["prompt"], "prompt"),
+    "boolean stop token id": (chat(stop_token_ids=[True]), 400, ["stop_token_ids"], "stop_token_ids[0]"),
+    "reserved template kwarg": (chat(chat_template_kwargs={"messages": []}), 400, ["'messages'"],
+                                "chat_template_kwargs"),
+    "suffix": (completion(suffix="!"), 400, ["not supported"], "suffix"),
+    "best_of other than n": (completion(best_of=2), 400, ["best_of"], "best_of"),
+    "unknown reasoning_effort": (chat(reasoning_effort="extreme"), 400, ["reasoning_effort"], "reasoning_effort"),
 }
 
 
