@@ -40,9 +40,15 @@ from exaserve.server.parsers import (
 log = logging.getLogger("exaserve.server")
 
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "BadRequestError",
-                429: "RateLimitError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+                413: "RequestTooLargeError", 429: "RateLimitError", 500: "InternalServerError",
+                503: "ServiceUnavailableError"}
 # Names render_chat passes itself; chat_template_kwargs must not collide with them.
 _RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
+
+# A JSON body is held whole, parsed into Python objects (several times its size) and its text tokenized. 8 MiB
+# still holds a full 256K-token K-EXAONE context written as \u-escaped Korean (~9 bytes a token), and costs seconds
+# of CPU and a few hundred MiB; unbounded, one 20 MB body took 46 s and 2.6 GB.
+DEFAULT_MAX_REQUEST_BYTES = 8 << 20
 
 
 class ApiError(Exception):
@@ -57,6 +63,23 @@ class ApiError(Exception):
 
 def _json(body: dict, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+def _decode(raw: bytes, model_cls):
+    """The validated request model of a JSON body (runs in a worker thread: a large body takes a while)."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    # Counting brackets is cheap and bounds the depth: only a body with many of them is walked.
+    if raw.count(b"[") + raw.count(b"{") > p.MAX_JSON_DEPTH and p.json_depth_exceeds(data, p.MAX_JSON_DEPTH):
+        raise ApiError(400, f"the request body nests lists and objects more than {p.MAX_JSON_DEPTH} deep")
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(400, *p.validation_error_message(exc)) from None
 
 
 # ---------------------------------------------------------------- text post-processing per choice
@@ -193,13 +216,15 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 class OpenAIServer:
     def __init__(self, engine, *, served_model_name: str, api_key: str | None = None,
-                 chat_template: str | None = None, max_queue: int | None = None):
+                 chat_template: str | None = None, max_queue: int | None = None,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
         self.engine = engine
         self.tokenizer = tok = engine.tokenizer
         self.model_name = served_model_name
         self.api_key = api_key
         self.chat_template = chat_template or tok.chat_template
         self.max_queue = max_queue
+        self.max_request_bytes = max_request_bytes
         self.max_model_len = engine.max_model_len
         self.metrics = Metrics()
         self.num_waiting = 0
@@ -220,17 +245,23 @@ class OpenAIServer:
         if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
             raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'")
 
+    async def read_body(self, request: Request) -> bytes:
+        """The body, refused (413) past max_request_bytes: by its Content-Length before any of it is read, and by
+        counting as a chunked one arrives, which stops reading there."""
+        limit = self.max_request_bytes
+        too_large = ApiError(413, f"the request body is larger than {limit} bytes")
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise too_large
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+        return bytes(body)
+
     async def parse(self, request: Request, model_cls):
-        try:
-            data = orjson.loads(await request.body())
-        except orjson.JSONDecodeError as exc:
-            raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        try:
-            body = model_cls.model_validate(data)
-        except ValidationError as exc:
-            raise ApiError(400, *p.validation_error_message(exc)) from None
+        body = await asyncio.to_thread(_decode, await self.read_body(request), model_cls)
         if body.model is not None and body.model != self.model_name:
             raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {self.model_name!r}",
                            "model")
@@ -484,12 +515,12 @@ class OpenAIServer:
 
 
 def build_app(engine, *, served_model_name: str, api_key: str | None = None, chat_template: str | None = None,
-              max_queue: int | None = None) -> FastAPI:
+              max_queue: int | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     """The FastAPI app over a started AsyncEngine. With api_key, every route but /health, /metrics and
     /version needs `Authorization: Bearer <api_key>`; max_queue refuses (429) new requests while that many
-    engine requests are already waiting for their first token."""
+    engine requests are already waiting for their first token; max_request_bytes: larger bodies get 413."""
     server = OpenAIServer(engine, served_model_name=served_model_name, api_key=api_key, chat_template=chat_template,
-                          max_queue=max_queue)
+                          max_queue=max_queue, max_request_bytes=max_request_bytes)
     app = FastAPI(title="exaserve", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
 

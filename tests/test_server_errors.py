@@ -115,6 +115,39 @@ def test_body_that_is_not_a_json_object(http, content):
     check_error(response, 400, ["JSON"])
 
 
+def nested_tool_schema(levels: int) -> bytes:
+    """A chat request whose tool's parameters nest `levels` objects (written by hand: json.dumps would recurse)."""
+    schema = b'{"a": ' * levels + b"1" + b"}" * levels
+    return b'{"model": "%s", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}], "tools": [' \
+           b'{"type": "function", "function": {"name": "f", "parameters": %s}}]}' % (MODEL.encode(), schema)
+
+
+def test_deeply_nested_json_is_refused(http):
+    headers = {"Content-Type": "application/json"}
+    check_error(http.post("/v1/chat/completions", content=nested_tool_schema(1000), headers=headers), 400,
+                ["nests", "64"], None)  # was RecursionError: 500
+    assert http.post("/v1/chat/completions", content=nested_tool_schema(50), headers=headers).status_code == 200
+
+
+def test_body_over_the_size_limit_is_413(server, http):
+    big = b'{"model": "tiny", "prompt": "' + b"a " * (9 << 19) + b'"}'  # 9 MiB, over the default 8 MiB
+    check_error(http.post("/v1/completions", content=big, headers={"Content-Type": "application/json"}), 413,
+                ["larger than 8388608 bytes"], None)
+
+    def chunked():  # no Content-Length: the server counts, and stops reading
+        yield b'{"model": "tiny", "prompt": "'
+        for _ in range(20):
+            yield b"a " * (1 << 19)
+
+    try:
+        check_error(http.post("/v1/completions", content=chunked()), 413, ["larger than 8388608 bytes"], None)
+    except httpx.TransportError:
+        pass  # the server may close the connection while the client still sends: also a refusal
+    assert http.get("/health").status_code == 200
+    assert post(http, completion()).status_code == 200
+    assert server.proc.poll() is None
+
+
 def test_api_key(server):
     body = {"model": MODEL, "prompt": "Hi", "max_tokens": 1}
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"},

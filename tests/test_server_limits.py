@@ -1,0 +1,110 @@
+"""The server's limits and failure paths, on an app built in-process over a fake engine (the tiny checkpoint's real
+tokenizer and chat template), driven through httpx's ASGI transport in one event loop."""
+import asyncio
+from types import SimpleNamespace
+
+import httpx
+import pytest
+
+from exaserve.engine.outputs import DeltaOutput
+from exaserve.engine.tokenizer import Tokenizer
+from exaserve.server.app import DEFAULT_MAX_REQUEST_BYTES, build_app
+
+pytest_plugins = ["server_fixture"]
+
+ASK = [{"role": "user", "content": "Hello"}]
+MiB = 1 << 20
+
+
+class FakeEngine:
+    """What the server uses of an AsyncEngine. Each request answers one token once `release` is set; `failure`, if
+    set, is raised by add_request instead."""
+
+    max_model_len = 4096
+    generation_defaults: dict = {}
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.model_config = SimpleNamespace(vocab_size=tokenizer.vocab_size)
+        self.release: asyncio.Event | None = None
+        self.failure: Exception | None = None
+
+    def validate(self, ids, params):
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"the prompt ({len(ids)} tokens) is too long")
+
+    async def add_request(self, request_id, ids, params):
+        if self.failure is not None:
+            raise self.failure
+        if self.release is not None:
+            await self.release.wait()
+        yield DeltaOutput(request_id, [5], "x", None, True, "length", None, len(ids), 1)
+
+    def is_healthy(self):
+        return True
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    return Tokenizer.from_pretrained(tiny_model)
+
+
+def run(app, scenario):
+    """Run `await scenario(client)` against the app; returns its result."""
+    async def main():
+        transport = httpx.ASGITransport(app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as client:
+            return await scenario(client)
+
+    return asyncio.run(main())
+
+
+def check_error(response, status, *fragments, param="unchecked"):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == status
+    for fragment in fragments:
+        assert fragment in error["message"]
+    if param != "unchecked":
+        assert error["param"] == param
+    return error
+
+
+def chat(**fields):
+    return {"messages": ASK, "max_tokens": 1, **fields}
+
+
+def test_defaults():
+    assert DEFAULT_MAX_REQUEST_BYTES == 8 * MiB
+
+
+# ---------------------------------------------------------------- request body size
+
+def test_body_over_the_limit_is_413_and_reading_stops(tokenizer):
+    app = build_app(FakeEngine(tokenizer), served_model_name="m", max_request_bytes=2 * MiB)
+    chunks_read = 0
+
+    async def body(chunks=64):
+        nonlocal chunks_read
+        for _ in range(chunks):
+            chunks_read += 1
+            yield b" " * MiB
+
+    async def scenario(client):
+        nonlocal chunks_read
+        # chunked (no Content-Length): counted as it arrives; the third MiB is over the limit and the last read
+        chunked = await client.post("/v1/chat/completions", content=body())
+        counted, chunks_read = chunks_read, 0
+        # a Content-Length over the limit is refused before any of the body is read
+        declared = await client.post("/v1/completions", content=body(3), headers={"Content-Length": str(3 * MiB)})
+        exact = await client.post("/tokenize", content=b'{"prompt": "a"}'.ljust(2 * MiB))  # exactly the limit
+        return chunked, counted, declared, chunks_read, exact, await client.post("/v1/chat/completions", json=chat())
+
+    chunked, counted, declared, declared_read, exact, after = run(app, scenario)
+    check_error(chunked, 413, "larger than 2097152 bytes")
+    assert chunked.json()["error"]["type"] == "RequestTooLargeError"
+    assert counted == 3
+    check_error(declared, 413, "larger than 2097152 bytes")
+    assert declared_read == 0
+    assert exact.status_code == 200 and exact.json()["count"] == 2  # <|bos|> a
+    assert after.status_code == 200, after.text
