@@ -49,6 +49,8 @@ _RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "add_generation_prompt", "bos_
 # still holds a full 256K-token K-EXAONE context written as \u-escaped Korean (~9 bytes a token), and costs seconds
 # of CPU and a few hundred MiB; unbounded, one 20 MB body took 46 s and 2.6 GB.
 DEFAULT_MAX_REQUEST_BYTES = 8 << 20
+# OpenAI's bound on n. Each choice is an engine request: without a bound one request could queue thousands.
+DEFAULT_MAX_N = 128
 
 
 class ApiError(Exception):
@@ -217,7 +219,7 @@ async def _wait_for_disconnect(request: Request) -> None:
 class OpenAIServer:
     def __init__(self, engine, *, served_model_name: str, api_key: str | None = None,
                  chat_template: str | None = None, max_queue: int | None = None,
-                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_n: int = DEFAULT_MAX_N):
         self.engine = engine
         self.tokenizer = tok = engine.tokenizer
         self.model_name = served_model_name
@@ -225,6 +227,7 @@ class OpenAIServer:
         self.chat_template = chat_template or tok.chat_template
         self.max_queue = max_queue
         self.max_request_bytes = max_request_bytes
+        self.max_n = max_n
         self.max_model_len = engine.max_model_len
         self.metrics = Metrics()
         self.num_waiting = 0
@@ -278,6 +281,25 @@ class OpenAIServer:
         except ChatTemplateError as exc:
             raise ApiError(400, f"chat template error: {exc}", "messages") from None
 
+    def check_choices(self, n: int, num_prompts: int = 1) -> None:
+        """Refuse a request for more choices (engine requests) than max_n, or than max_queue lets wait; then admit."""
+        count = n * num_prompts
+        what = f"n={n} for each of {num_prompts} prompts" if num_prompts > 1 else f"n={n}"
+        if count > self.max_n:
+            raise ApiError(400, f"{count} choices ({what}) is more than the {self.max_n} one request may ask for",
+                           "n")
+        # Such a request could never be admitted: a clear 400 rather than 429s that retrying cannot fix.
+        if self.max_queue is not None and count > self.max_queue:
+            raise ApiError(400, f"{count} choices ({what}) is more than --max-queue {self.max_queue} lets wait", "n")
+        self.admit(count)
+
+    def admit(self, count: int) -> None:
+        """429 when `count` more engine requests would make more than max_queue wait (none waiting: always in)."""
+        if self.max_queue is not None and self.num_waiting + count > self.max_queue:
+            self.metrics.rejected += 1
+            raise ApiError(429, f"the server is busy: {self.num_waiting} requests are waiting "
+                                f"(--max-queue {self.max_queue}); retry later", headers={"Retry-After": "1"})
+
     def sampling_params(self, body, prompt_len: int, engine_overrides: dict | None = None) -> list[SamplingParams]:
         """One SamplingParams per choice; seeded choices get seed + index so they differ but reproduce."""
         kwargs = body.to_sampling_kwargs(self.engine.generation_defaults,
@@ -286,17 +308,22 @@ class OpenAIServer:
         seed = kwargs.pop("seed")
         return [SamplingParams(**kwargs, seed=None if seed is None else seed + i) for i in range(body.n)]
 
-    def start(self, request_id: str, prompts: list[list[int]], params: list[SamplingParams]) -> _Generation:
+    def validate(self, prompts: list[list[int]], params: list[SamplingParams]) -> None:
+        # The engine would raise the same error, but only once the response had already started. The choices of
+        # one prompt (the same list) differ only in their seed, which validation does not read: one check each.
+        previous = None
         for ids, sp in zip(prompts, params):
-            try:
-                # The engine would raise the same error, but only once the response had already started.
-                self.engine.validate(ids, sp)
-            except ValueError as exc:
-                raise ApiError(400, str(exc)) from None
-        if self.max_queue is not None and self.num_waiting >= self.max_queue:
-            self.metrics.rejected += 1
-            raise ApiError(429, f"the server is busy: {self.num_waiting} requests are waiting "
-                                f"(--max-queue {self.max_queue}); retry later", headers={"Retry-After": "1"})
+            if ids is not previous:
+                try:
+                    self.engine.validate(ids, sp)
+                except ValueError as exc:
+                    raise ApiError(400, str(exc)) from None
+            previous = ids
+
+    async def start(self, request_id: str, prompts: list[list[int]], params: list[SamplingParams]) -> _Generation:
+        await asyncio.to_thread(self.validate, prompts, params)  # a pass over every prompt token
+        # Admitted again: the queue may have filled while this request was validated (check_choices ran before).
+        self.admit(len(prompts))
         return _Generation(self, request_id, prompts, params)
 
     async def until_disconnect(self, request: Request, gen: _Generation, collect):
@@ -349,6 +376,7 @@ class OpenAIServer:
     # -- chat completions ----------------------------------------------------------------------------------
     async def chat_completions(self, request: Request) -> Response:
         body: p.ChatCompletionRequest = await self.parse(request, p.ChatCompletionRequest)
+        self.check_choices(body.n)
         prompt = self.render(body.template_messages(), body.template_tools(), body.add_generation_prompt,
                              body.chat_template_kwargs)
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
@@ -356,7 +384,7 @@ class OpenAIServer:
         # asked to skip are removed afterwards, from the visible text only.
         params = self.sampling_params(body, len(ids), {"skip_special_tokens": False})
         request_id = p.new_request_id("chatcmpl")
-        gen = self.start(request_id, [ids] * body.n, params)
+        gen = await self.start(request_id, [ids] * body.n, params)
         named = body.tool_choice.function.name if isinstance(body.tool_choice, p.NamedToolChoice) else None
         choices = [_ChatChoice(starts_in_reasoning=prompt_ends_in_reasoning(prompt), parse_tools=body.parse_tools,
                                special=self._special if body.skip_special_tokens else None, only_tool=named,
@@ -413,6 +441,7 @@ class OpenAIServer:
     # -- text completions ----------------------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
         body: p.CompletionRequest = await self.parse(request, p.CompletionRequest)
+        self.check_choices(body.n, len(body.prompts()))
         prompts = [self.tokenizer.encode(q, add_special_tokens=True) if isinstance(q, str) else q
                    for q in body.prompts()]
         engine_prompts, params = [], []
@@ -420,7 +449,7 @@ class OpenAIServer:
             engine_prompts += [ids] * body.n
             params += self.sampling_params(body, len(ids))
         request_id = p.new_request_id("cmpl")
-        gen = self.start(request_id, engine_prompts, params)
+        gen = await self.start(request_id, engine_prompts, params)
         # Choice k answers prompt k // n; echo puts the prompt text in front of its output.
         echoes = [self.tokenizer.decode(ids, body.skip_special_tokens) if body.echo else "" for ids in engine_prompts]
         meta = (request_id, self.model_name, p.now())
@@ -515,12 +544,16 @@ class OpenAIServer:
 
 
 def build_app(engine, *, served_model_name: str, api_key: str | None = None, chat_template: str | None = None,
-              max_queue: int | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+              max_queue: int | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+              max_n: int = DEFAULT_MAX_N) -> FastAPI:
     """The FastAPI app over a started AsyncEngine. With api_key, every route but /health, /metrics and
-    /version needs `Authorization: Bearer <api_key>`; max_queue refuses (429) new requests while that many
-    engine requests are already waiting for their first token; max_request_bytes: larger bodies get 413."""
+    /version needs `Authorization: Bearer <api_key>`. Each choice of a request is one engine request; max_queue
+    refuses (429) a request whose choices would make more than max_queue engine requests wait for their first
+    token (a request for more than max_queue choices is a 400: it could never be admitted). max_request_bytes:
+    larger bodies get 413; max_n: the most choices one request may ask for (n, times the number of prompts of a
+    batched completion), more is a 400."""
     server = OpenAIServer(engine, served_model_name=served_model_name, api_key=api_key, chat_template=chat_template,
-                          max_queue=max_queue, max_request_bytes=max_request_bytes)
+                          max_queue=max_queue, max_request_bytes=max_request_bytes, max_n=max_n)
     app = FastAPI(title="exaserve", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
 

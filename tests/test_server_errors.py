@@ -69,6 +69,8 @@ BAD = {
     "token id outside the vocabulary": (completion(prompt=[1, 10**6]), 400, [str(10**6), "vocabulary"], None),
     "unknown model": (chat(model="gpt-4"), 404, ["gpt-4"], "model"),
     "detokenize a bad id": (("/detokenize", {"tokens": [-1]}), 400, ["-1"], "tokens"),
+    "n over the limit": (chat(n=129), 400, ["129 choices", "128"], "n"),
+    "n over --max-queue": (chat(n=2), 400, ["2 choices", "--max-queue 1"], "n"),
     "max_tokens true": (chat(max_tokens=True), 400, ["max_tokens"], "max_tokens"),
     "fractional max_tokens": (completion(max_tokens=1.5), 400, ["max_tokens"], "max_tokens"),
     "boolean token ids": (completion(prompt=[True, False]), 400, ["prompt"], "prompt"),

@@ -8,7 +8,7 @@ import pytest
 
 from exaserve.engine.outputs import DeltaOutput
 from exaserve.engine.tokenizer import Tokenizer
-from exaserve.server.app import DEFAULT_MAX_REQUEST_BYTES, build_app
+from exaserve.server.app import DEFAULT_MAX_N, DEFAULT_MAX_REQUEST_BYTES, build_app
 
 pytest_plugins = ["server_fixture"]
 
@@ -75,7 +75,7 @@ def chat(**fields):
 
 
 def test_defaults():
-    assert DEFAULT_MAX_REQUEST_BYTES == 8 * MiB
+    assert DEFAULT_MAX_REQUEST_BYTES == 8 * MiB and DEFAULT_MAX_N == 128
 
 
 # ---------------------------------------------------------------- request body size
@@ -108,3 +108,52 @@ def test_body_over_the_limit_is_413_and_reading_stops(tokenizer):
     assert declared_read == 0
     assert exact.status_code == 200 and exact.json()["count"] == 2  # <|bos|> a
     assert after.status_code == 200, after.text
+
+
+# ---------------------------------------------------------------- n and the waiting queue
+
+def test_n_is_bounded(tokenizer):
+    app = build_app(FakeEngine(tokenizer), served_model_name="m", max_n=8)
+
+    async def scenario(client):
+        return [await client.post("/v1/chat/completions", json=chat(n=9)),
+                await client.post("/v1/completions", json={"prompt": ["a", "b", "c"], "n": 3, "max_tokens": 1}),
+                await client.post("/v1/completions", json={"prompt": ["a", "b"], "n": 4, "max_tokens": 1}),
+                await client.post("/v1/chat/completions", json=chat(n=8))]
+
+    too_many, batch, batch_ok, ok = run(app, scenario)
+    check_error(too_many, 400, "9 choices", "8", param="n")
+    check_error(batch, 400, "9 choices (n=3 for each of 3 prompts)", param="n")
+    assert len(batch_ok.json()["choices"]) == 8 and len(ok.json()["choices"]) == 8
+
+
+def test_max_queue_counts_every_choice(tokenizer):
+    engine = FakeEngine(tokenizer)
+    app = build_app(engine, served_model_name="m", max_queue=4)
+    server = app.state.server
+
+    async def until(condition):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+    async def scenario(client):
+        engine.release = asyncio.Event()
+        over = await client.post("/v1/chat/completions", json=chat(n=5))  # could never be admitted
+        first = asyncio.create_task(client.post("/v1/chat/completions", json=chat(n=3)))
+        await asyncio.wait_for(until(lambda: server.num_waiting == 3), 30)
+        busy = await client.post("/v1/chat/completions", json=chat(n=2))  # 3 + 2 > 4
+        busy_batch = await client.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 1})
+        second = asyncio.create_task(client.post("/v1/completions", json={"prompt": "a", "max_tokens": 1}))
+        await asyncio.wait_for(until(lambda: server.num_waiting == 4), 30)
+        full = await client.post("/v1/completions", json={"prompt": "a", "max_tokens": 1})
+        engine.release.set()
+        done = [await first, await second]
+        return over, busy, busy_batch, full, done, server.num_waiting
+
+    over, busy, busy_batch, full, done, waiting_after = run(app, scenario)
+    check_error(over, 400, "5 choices", "--max-queue 4", param="n")
+    for refused, waiting in ((busy, 3), (busy_batch, 3), (full, 4)):
+        check_error(refused, 429, f"{waiting} requests are waiting", "--max-queue 4")
+        assert refused.headers["retry-after"] == "1"
+    assert [len(r.json()["choices"]) for r in done] == [3, 1]
+    assert waiting_after == 0 and server.metrics.rejected == 3
