@@ -35,6 +35,8 @@ class EngineConfig:
     block_size: int = 16                 # tokens per block of the paged (global-layer) pool
     num_speculative_tokens: int = 0      # MTP draft tokens per step, 0 = off
     spec_max_batch_size: int = 32        # no drafting in steps with more running requests than this
+    tensor_parallel_size: int = 1        # ranks the model is split over (engine/parallel.py, engine/distributed.py)
+    enable_expert_parallel: bool = False  # with tensor_parallel_size > 1: whole experts per rank instead of slices
 
     def __post_init__(self):
         self.model = str(self.model)
@@ -49,12 +51,15 @@ class EngineConfig:
                 raise ConfigError(f"device={self.device!r}; use auto, cpu, cuda or cuda:N")
         if self.kernels is not None and self.kernels not in KERNEL_BACKENDS:
             raise ConfigError(f"kernels={self.kernels!r}; use one of {', '.join(KERNEL_BACKENDS)}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "spec_max_batch_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "spec_max_batch_size",
+                     "tensor_parallel_size"):
             _check_int(name, getattr(self, name), low=1)
         for name in ("max_model_len", "kv_cache_memory"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), low=1)
         _check_int("num_speculative_tokens", self.num_speculative_tokens, low=0, high=MAX_SPECULATIVE_TOKENS)
+        if not isinstance(self.enable_expert_parallel, bool):
+            raise ConfigError(f"enable_expert_parallel must be true or false, got {self.enable_expert_parallel!r}")
 
     @classmethod
     def of(cls, model: "str | Path | EngineConfig", options: dict) -> "EngineConfig":

@@ -5,12 +5,13 @@ import atexit
 import gc
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from exaserve import kernels
-from exaserve.engine import envs
+from exaserve.engine import distributed, envs
 from exaserve.engine.config import EngineConfig, ModelConfig
 from exaserve.engine.cpu_model import CpuModel
 from exaserve.engine.detokenizer import IncrementalDetokenizer
@@ -18,6 +19,7 @@ from exaserve.engine.kv_cache import KVCache
 from exaserve.engine.loader import load_model, resolve_dtype
 from exaserve.engine.model_runner import ModelRunner
 from exaserve.engine.outputs import DeltaOutput
+from exaserve.engine.parallel import Parallel
 from exaserve.engine.request import Request
 from exaserve.engine.sampler import make_generator
 from exaserve.engine.sampling_params import SamplingParams
@@ -32,52 +34,127 @@ atexit.register(gc.unfreeze)
 GiB = 1 << 30
 
 
+@dataclass
+class _Plan:
+    """What every rank derives alike from the config: device, model config, kernels, dtypes, context length."""
+    device: torch.device
+    cfg: ModelConfig
+    ops: kernels.Ops
+    weight_dtype: torch.dtype
+    dtype: torch.dtype            # activations and KV cache
+    max_model_len: int
+
+    @classmethod
+    def of(cls, c: EngineConfig, env: envs.Env, rank: int = 0, verbose: bool = True) -> "_Plan":
+        device = torch.device(c.device if c.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+        if device.type == "cuda" and c.tensor_parallel_size > 1:
+            device = torch.device("cuda", rank)           # one GPU per rank
+        cfg = ModelConfig.from_pretrained(Path(c.model))
+        ops = kernels.select(c.kernels or env.kernels, device, env.cpu_ext_cflags)
+        stored = resolve_dtype(cfg.checkpoint_dtype if c.dtype == "auto" else c.dtype)
+        weight_dtype = dtype = stored
+        if device.type == "cpu" and dtype != torch.float32:
+            # CPUs without native bf16/fp16 matrix units run half-precision torch GEMMs 5-40x slower than fp32, so
+            # activations are fp32 (self.dtype: activations and KV cache). The C++ kernels read bf16 weights
+            # as they are (half the bytes per step, exact widening in registers); otherwise the weights are
+            # upcast once at load, which is exact and costs only memory.
+            dtype = torch.float32
+            if not (weight_dtype == torch.bfloat16 and ops.name == "cpu"):
+                weight_dtype = torch.float32
+            if verbose:
+                log.info("CPU: %s weights kept as %s, computed in float32", str(stored).removeprefix("torch."),
+                         str(weight_dtype).removeprefix("torch."))
+        max_model_len = min(c.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        if verbose and c.max_model_len is not None and c.max_model_len > cfg.max_position_embeddings:
+            log.warning("max_model_len %d is above the model's max_position_embeddings; using %d", c.max_model_len,
+                        cfg.max_position_embeddings)
+        return cls(device, cfg, ops, weight_dtype, dtype, max_model_len)
+
+    def load(self, c: EngineConfig, par: Parallel):
+        model = load_model(Path(c.model), self.weight_dtype, self.device, self.cfg, act_dtype=self.dtype,
+                           ops=self.ops, par=par)
+        if c.num_speculative_tokens and model.mtp is None:
+            raise ValueError(f"num_speculative_tokens={c.num_speculative_tokens} needs the checkpoint's MTP block "
+                             f"(mtp.* tensors), and {c.model} has none; use num_speculative_tokens=0")
+        model.init_rope(self.max_model_len, self.device)
+        return model
+
+    def kv_cache(self, c: EngineConfig, kv_cache_memory: int, par: Parallel) -> KVCache:
+        return KVCache.create(self.cfg, kv_cache_memory=kv_cache_memory, max_num_seqs=c.max_num_seqs,
+                              max_model_len=self.max_model_len, block_size=c.block_size,
+                              max_rollback=c.num_speculative_tokens,
+                              extra_ring_layers=1 if c.num_speculative_tokens else 0, dtype=self.dtype,
+                              device=self.device, num_kv_heads=par.kv_heads(self.cfg.num_kv_heads)[1])
+
+
+def _worker_main(rank: int, conn, config: EngineConfig, env: envs.Env) -> None:
+    """A tensor-parallel rank > 0 (engine/distributed.py): load this rank's shard, report, then serve calls."""
+    import torch.distributed as dist
+    size = config.tensor_parallel_size
+    try:
+        plan = _Plan.of(config, env, rank, verbose=False)
+        if plan.device.type == "cpu":
+            distributed.set_threads_per_rank(size)
+        par = Parallel(rank, size, config.enable_expert_parallel)
+        model = plan.load(config, par)
+        conn.send(("ok", rank))
+        message = conn.recv()
+        if message[0] != "go":
+            return
+        _, port, kv_cache_memory = message
+        control = distributed.init_group(rank, size, "127.0.0.1", port, plan.device)
+        kv = plan.kv_cache(config, kv_cache_memory, par)
+    except BaseException as e:  # reported on rank 0, which raises it with this rank's number
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    try:
+        distributed.serve_calls(model, kv, control, plan.device)
+    finally:
+        dist.destroy_process_group()
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig, env: envs.Env | None = None):
         """config: every engine knob; env: the EXASERVE_* settings (default: read from the environment now)."""
         self.config = c = config
         self.env = env = env or envs.read()
         path = Path(c.model)
-        self.device = torch.device(c.device if c.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-        self.model_config = cfg = ModelConfig.from_pretrained(path)
+        plan = _Plan.of(c, env)
+        self.device, self.model_config, self.ops = plan.device, plan.cfg, plan.ops
+        self.weight_dtype, self.dtype, self.max_model_len = plan.weight_dtype, plan.dtype, plan.max_model_len
         self.tokenizer = Tokenizer.from_pretrained(path)
-        self.ops = kernels.select(c.kernels or env.kernels, self.device, env.cpu_ext_cflags)
-        stored = resolve_dtype(cfg.checkpoint_dtype if c.dtype == "auto" else c.dtype)
-        self.weight_dtype = self.dtype = stored
-        if self.device.type == "cpu" and self.dtype != torch.float32:
-            # CPUs without native bf16/fp16 matrix units run half-precision torch GEMMs 5-40x slower than fp32, so
-            # activations are fp32 (self.dtype: activations and KV cache). The C++ kernels read bf16 weights
-            # as they are (half the bytes per step, exact widening in registers); otherwise the weights are
-            # upcast once at load, which is exact and costs only memory.
-            self.dtype = torch.float32
-            if not (self.weight_dtype == torch.bfloat16 and self.ops.name == "cpu"):
-                self.weight_dtype = torch.float32
-            log.info("CPU: %s weights kept as %s, computed in float32", str(stored).removeprefix("torch."),
-                     str(self.weight_dtype).removeprefix("torch."))
-        self.max_model_len = min(c.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        if c.max_model_len is not None and c.max_model_len > cfg.max_position_embeddings:
-            log.warning("max_model_len %d is above the model's max_position_embeddings; using %d", c.max_model_len,
-                        cfg.max_position_embeddings)
+        size = c.tensor_parallel_size
+        self.par = Parallel(0, size, c.enable_expert_parallel)
+        self._workers = None
+        if size > 1:
+            if self.device.type == "cpu":
+                distributed.set_threads_per_rank(size)
+            self._workers = distributed.Workers(size, f"{__name__}:_worker_main", (c, env))
 
         t0 = time.monotonic()
-        self.model = load_model(path, self.weight_dtype, self.device, cfg, act_dtype=self.dtype, ops=self.ops)
-        if c.num_speculative_tokens and self.model.mtp is None:
-            raise ValueError(f"num_speculative_tokens={c.num_speculative_tokens} needs the checkpoint's MTP block "
-                             f"(mtp.* tensors), and {path} has none; use num_speculative_tokens=0")
+        try:
+            self.model = plan.load(c, self.par)
+            if self._workers is not None:
+                self._workers.wait_loaded()
+        except BaseException:
+            self._close_workers()
+            raise
         self.num_speculative_tokens = c.num_speculative_tokens
-        cpu_model = CpuModel(self.model, env.argmax_screen) if self.ops.name == "cpu" else None
-        self.model.init_rope(self.max_model_len, self.device)
+        # the one-call C++ layer stack cannot all-reduce inside a layer: ranks run layer by layer on the cpu ops
+        cpu_model = CpuModel(self.model, env.argmax_screen) if self.ops.name == "cpu" and size == 1 else None
         self.load_seconds = time.monotonic() - t0
         kv_cache_memory = c.kv_cache_memory if c.kv_cache_memory is not None else self._default_kv_memory()
-        self.kv = KVCache.create(cfg, kv_cache_memory=kv_cache_memory, max_num_seqs=c.max_num_seqs,
-                                 max_model_len=self.max_model_len, block_size=c.block_size,
-                                 max_rollback=c.num_speculative_tokens,
-                                 extra_ring_layers=1 if c.num_speculative_tokens else 0, dtype=self.dtype,
-                                 device=self.device)
+        runner_model = self.model
+        if self._workers is not None:
+            port = distributed.free_port()
+            self._workers.send(("go", port, kv_cache_memory))
+            control = distributed.init_group(0, size, "127.0.0.1", port, self.device)
+            runner_model = self._sharded = distributed.ShardedModel(self.model, control, self._workers)
+        self.kv = plan.kv_cache(c, kv_cache_memory, self.par)
         self.scheduler = Scheduler(self.kv, max_num_seqs=c.max_num_seqs,
                                    max_num_batched_tokens=c.max_num_batched_tokens, max_model_len=self.max_model_len)
-        self.runner = ModelRunner(self.model, self.kv, self.device, c.num_speculative_tokens, c.spec_max_batch_size,
-                                  cpu_model)
+        self.runner = ModelRunner(runner_model, self.kv, self.device, c.num_speculative_tokens,
+                                  c.spec_max_batch_size, cpu_model)
         self.requests: dict[str, Request] = {}
         self.counters = {"aborted": 0, "failed": 0, "steps": 0}
         # Everything allocated so far (modules, weights' Python objects, imported libraries) lives as long as the
@@ -85,6 +162,20 @@ class EngineCore:
         # allocations trigger, from walking it (measured: ~5% of a batch-1 decode step went to gc).
         gc.collect()
         gc.freeze()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (a no-op with one rank); the engine cannot step afterwards."""
+        if self._workers is not None:
+            self._sharded.stop()
+            self._close_workers()
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    def _close_workers(self) -> None:
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
 
     def _default_kv_memory(self) -> int:
         if self.device.type == "cuda":

@@ -104,11 +104,13 @@ class KVCache:
     @classmethod
     def create(cls, cfg: ModelConfig, *, kv_cache_memory: int, max_num_seqs: int, max_model_len: int,
                block_size: int = 16, max_rollback: int = 0, extra_ring_layers: int = 0, dtype=torch.float32,
-               device="cpu") -> "KVCache":
+               device="cpu", num_kv_heads: int | None = None) -> "KVCache":
         """Size both pools from one byte budget: rings first (a fixed cost per seat), blocks from the rest,
-        never more blocks than `max_num_seqs` full-length sequences could use."""
+        never more blocks than `max_num_seqs` full-length sequences could use. num_kv_heads: this rank's kv heads
+        under tensor parallelism (default: all of them)."""
         el = torch.empty((), dtype=dtype).element_size()
-        per_token_layer = 2 * cfg.num_kv_heads * cfg.head_dim * el
+        num_kv_heads = num_kv_heads or cfg.num_kv_heads
+        per_token_layer = 2 * num_kv_heads * cfg.head_dim * el
         n_ring_layers = len(cfg.sliding_layers) + extra_ring_layers
         ring_len = (cfg.sliding_window or 0) + max_rollback
         ring_bytes = n_ring_layers * max_num_seqs * ring_len * per_token_layer
@@ -125,7 +127,6 @@ class KVCache:
         elif ring_bytes > kv_cache_memory:
             raise ValueError(f"kv_cache_memory={kv_cache_memory} bytes is below the {ring_bytes} bytes of rings "
                              f"needed for {max_num_seqs} sequences")
-        paged = PagedPool(n_global, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype, device)
-        ring = RingPool(n_ring_layers, max_num_seqs, ring_len, cfg.num_kv_heads,
-                        cfg.head_dim, dtype, device)
+        paged = PagedPool(n_global, num_blocks, block_size, num_kv_heads, cfg.head_dim, dtype, device)
+        ring = RingPool(n_ring_layers, max_num_seqs, ring_len, num_kv_heads, cfg.head_dim, dtype, device)
         return cls(paged, ring)
