@@ -23,9 +23,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from exaserve import __version__
 from exaserve.engine import SamplingParams
+from exaserve.engine.chat_template import ChatTemplateError, encode_chat, encode_text, prompt_ends_in_reasoning
 from exaserve.engine.outputs import DeltaOutput
 from exaserve.server import protocol as p
-from exaserve.engine.chat_template import ChatTemplateError, prompt_ends_in_reasoning, render_chat
 from exaserve.server.metrics import CONTENT_TYPE, Metrics
 from exaserve.server.parsers import (
     THINK_END,
@@ -42,8 +42,6 @@ log = logging.getLogger("exaserve.server")
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "BadRequestError",
                 413: "RequestTooLargeError", 429: "RateLimitError", 500: "InternalServerError",
                 503: "ServiceUnavailableError"}
-# Names render_chat passes itself; chat_template_kwargs must not collide with them.
-_RESERVED_TEMPLATE_KWARGS = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
 
 # A JSON body is held whole, parsed into Python objects (several times its size) and its text tokenized. 8 MiB
 # still holds a full 256K-token K-EXAONE context written as \u-escaped Korean (~9 bytes a token), and costs seconds
@@ -232,8 +230,6 @@ class OpenAIServer:
         self.metrics = Metrics()
         self.num_waiting = 0
         self.created = p.now()
-        self._bos = tok.id_to_token(tok.bos_token_id) if tok.bos_token_id is not None else ""
-        self._eos = tok.id_to_token(tok.eos_token_id) if tok.eos_token_id is not None else ""
         # Markers the parsers need stay even where a checkpoint marks them special.
         self._special = {tok.id_to_token(i) for i in tok.special_ids} - {THINK_START, THINK_END, TOOL_START, TOOL_END}
         self._special.discard(None)
@@ -270,14 +266,14 @@ class OpenAIServer:
                            "model")
         return body
 
-    def render(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool,
-               kwargs: dict | None) -> str:
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool,
+                    template_kwargs: dict | None) -> tuple[str, list[int]]:
+        """The prompt text and ids of a conversation. Slow for a long one: call it in a worker thread."""
         if self.chat_template is None:
             raise ApiError(400, "the model has no chat template; start the server with --chat-template FILE")
-        extra = {k: v for k, v in (kwargs or {}).items() if k not in _RESERVED_TEMPLATE_KWARGS}
         try:
-            return render_chat(self.chat_template, messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                               bos_token=self._bos, eos_token=self._eos, **extra)
+            return encode_chat(self.tokenizer, self.chat_template, messages, tools=tools,
+                               add_generation_prompt=add_generation_prompt, template_kwargs=template_kwargs)
         except ChatTemplateError as exc:
             raise ApiError(400, f"chat template error: {exc}", "messages") from None
 
@@ -322,7 +318,7 @@ class OpenAIServer:
 
     async def start(self, request_id: str, prompts: list[list[int]], params: list[SamplingParams]) -> _Generation:
         await asyncio.to_thread(self.validate, prompts, params)  # a pass over every prompt token
-        # Admitted again: the queue may have filled while this request was validated (check_choices ran before).
+        # Admitted again: the queue may have filled while this request was tokenized (check_choices ran before).
         self.admit(len(prompts))
         return _Generation(self, request_id, prompts, params)
 
@@ -377,9 +373,8 @@ class OpenAIServer:
     async def chat_completions(self, request: Request) -> Response:
         body: p.ChatCompletionRequest = await self.parse(request, p.ChatCompletionRequest)
         self.check_choices(body.n)
-        prompt = self.render(body.template_messages(), body.template_tools(), body.add_generation_prompt,
-                             body.chat_template_kwargs)
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        prompt, ids = await asyncio.to_thread(self.encode_chat, body.template_messages(), body.template_tools(),
+                                              body.add_generation_prompt, body.template_kwargs())
         # Raw text from the engine so no marker the parser needs is ever dropped; special tokens the client
         # asked to skip are removed afterwards, from the visible text only.
         params = self.sampling_params(body, len(ids), {"skip_special_tokens": False})
@@ -442,8 +437,8 @@ class OpenAIServer:
     async def completions(self, request: Request) -> Response:
         body: p.CompletionRequest = await self.parse(request, p.CompletionRequest)
         self.check_choices(body.n, len(body.prompts()))
-        prompts = [self.tokenizer.encode(q, add_special_tokens=True) if isinstance(q, str) else q
-                   for q in body.prompts()]
+        prompts = await asyncio.to_thread(lambda: [encode_text(self.tokenizer, q, add_special_tokens=True)
+                                                   if isinstance(q, str) else q for q in body.prompts()])
         engine_prompts, params = [], []
         for ids in prompts:
             engine_prompts += [ids] * body.n
@@ -503,12 +498,12 @@ class OpenAIServer:
     async def tokenize(self, request: Request) -> Response:
         body: p.TokenizeRequest = await self.parse(request, p.TokenizeRequest)
         if body.messages is not None:
-            prompt = self.render([m.to_template() for m in body.messages],
-                                 [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
-                                 body.add_generation_prompt, body.chat_template_kwargs)
-            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+            _, ids = await asyncio.to_thread(
+                self.encode_chat, [m.to_template() for m in body.messages],
+                [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
+                body.add_generation_prompt, body.chat_template_kwargs)
         else:
-            ids = self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            ids = await asyncio.to_thread(encode_text, self.tokenizer, body.prompt, body.add_special_tokens)
         return _json({"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids})
 
     async def detokenize(self, request: Request) -> Response:
