@@ -65,6 +65,12 @@ def _json(body: dict, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
+def _internal_error(request_id: str, exc: BaseException) -> ApiError:
+    """A 500 that gives the client only an id to quote; the details go to the log under the same id."""
+    log.error("request %s failed", request_id, exc_info=exc)
+    return ApiError(500, f"internal server error (request id {request_id})")
+
+
 def _decode(raw: bytes, model_cls):
     """The validated request model of a JSON body (runs in a worker thread: a large body takes a while)."""
     try:
@@ -154,6 +160,7 @@ class _Generation:
     def __init__(self, server: "OpenAIServer", request_id: str, prompts: list[list[int]],
                  params: list[SamplingParams]):
         self._server = server
+        self.request_id = request_id
         self._queue: asyncio.Queue = asyncio.Queue()
         self._waiting = set(range(len(prompts)))  # choices with no token yet: the server's waiting queue
         server.num_waiting += len(prompts)
@@ -347,8 +354,7 @@ class OpenAIServer:
         except ApiError as exc:  # the status line is sent already: the error becomes the last event
             yield p.sse_event(exc.body())
         except Exception as exc:
-            log.exception("stream failed")
-            yield p.sse_event(ApiError(500, f"internal error: {exc}").body())
+            yield p.sse_event(_internal_error(gen.request_id, exc).body())
         finally:
             gen.close()
         yield p.SSE_DONE
@@ -371,6 +377,7 @@ class OpenAIServer:
 
     # -- chat completions ----------------------------------------------------------------------------------
     async def chat_completions(self, request: Request) -> Response:
+        request_id = request.state.request_id = p.new_request_id("chatcmpl")
         body: p.ChatCompletionRequest = await self.parse(request, p.ChatCompletionRequest)
         self.check_choices(body.n)
         prompt, ids = await asyncio.to_thread(self.encode_chat, body.template_messages(), body.template_tools(),
@@ -378,7 +385,6 @@ class OpenAIServer:
         # Raw text from the engine so no marker the parser needs is ever dropped; special tokens the client
         # asked to skip are removed afterwards, from the visible text only.
         params = self.sampling_params(body, len(ids), {"skip_special_tokens": False})
-        request_id = p.new_request_id("chatcmpl")
         gen = await self.start(request_id, [ids] * body.n, params)
         named = body.tool_choice.function.name if isinstance(body.tool_choice, p.NamedToolChoice) else None
         choices = [_ChatChoice(starts_in_reasoning=prompt_ends_in_reasoning(prompt), parse_tools=body.parse_tools,
@@ -435,6 +441,7 @@ class OpenAIServer:
 
     # -- text completions ----------------------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
+        request_id = request.state.request_id = p.new_request_id("cmpl")
         body: p.CompletionRequest = await self.parse(request, p.CompletionRequest)
         self.check_choices(body.n, len(body.prompts()))
         prompts = await asyncio.to_thread(lambda: [encode_text(self.tokenizer, q, add_special_tokens=True)
@@ -443,7 +450,6 @@ class OpenAIServer:
         for ids in prompts:
             engine_prompts += [ids] * body.n
             params += self.sampling_params(body, len(ids))
-        request_id = p.new_request_id("cmpl")
         gen = await self.start(request_id, engine_prompts, params)
         # Choice k answers prompt k // n; echo puts the prompt text in front of its output.
         echoes = [self.tokenizer.decode(ids, body.skip_special_tokens) if body.echo else "" for ids in engine_prompts]
@@ -563,9 +569,9 @@ def build_app(engine, *, served_model_name: str, api_key: str | None = None, cha
         return _json(ApiError(exc.status_code, str(exc.detail)).body(), exc.status_code)
 
     @app.exception_handler(Exception)
-    async def _internal_error(_: Request, exc: Exception) -> Response:
-        log.error("request failed", exc_info=exc)
-        return _json(ApiError(500, f"internal error: {type(exc).__name__}: {exc}").body(), 500)
+    async def _unexpected_error(request: Request, exc: Exception) -> Response:
+        request_id = getattr(request.state, "request_id", None) or p.new_request_id("req")
+        return _json(_internal_error(request_id, exc).body(), 500)
 
     open_routes = APIRouter()
     open_routes.add_api_route("/health", server.health, methods=["GET"])

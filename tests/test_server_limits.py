@@ -1,6 +1,8 @@
 """The server's limits and failure paths, on an app built in-process over a fake engine (the tiny checkpoint's real
 tokenizer and chat template), driven through httpx's ASGI transport in one event loop."""
 import asyncio
+import logging
+import re
 import time
 from types import SimpleNamespace
 
@@ -190,3 +192,37 @@ def test_health_answers_while_the_largest_request_is_prepared(tokenizer, endpoin
     # The loop was never held for long: /health answered within a second, and within a third of the time the
     # request took (so that a machine fast enough to tokenize the body in under a second still tests something).
     assert max(latencies) < min(1.0, elapsed / 3), (max(latencies), elapsed)
+
+
+# ---------------------------------------------------------------- 500s tell an id, not internals
+
+def test_internal_errors_give_an_id_and_log_the_details(tokenizer, caplog):
+    engine = FakeEngine(tokenizer)
+    app = build_app(engine, served_model_name="m")
+    secret = "KeyError: /srv/secret/path token=abc"
+
+    async def scenario(client):
+        engine.failure = RuntimeError(secret)
+        plain = await client.post("/v1/chat/completions", json=chat())
+        streamed = await client.post("/v1/completions", json={"prompt": "a", "max_tokens": 1, "stream": True})
+        engine.failure = None
+        app.state.server.sampling_params = lambda *args, **kwargs: {}["no such key " + secret]  # fails early
+        early = await client.post("/v1/completions", json={"prompt": "a", "max_tokens": 1})
+        tokenize = await client.post("/tokenize", json={"prompt": "a"})
+        return plain, streamed, early, tokenize
+
+    with caplog.at_level(logging.ERROR, logger="exaserve.server"):
+        plain, streamed, early, tokenize = run(app, scenario)
+    assert tokenize.status_code == 200
+    events = [line.removeprefix("data: ") for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert streamed.status_code == 200 and events[-1] == "[DONE]"
+    stream_error = httpx.Response(500, content=events[-2])  # the last event before [DONE] is the error
+    for response, prefix in ((plain, "chatcmpl-"), (stream_error, "cmpl-"), (early, "cmpl-")):
+        error = check_error(response, 500, param=None)
+        assert error["type"] == "InternalServerError"
+        match = re.fullmatch(r"internal server error \(request id (\S+)\)", error["message"])
+        assert match and match[1].startswith(prefix), error["message"]
+        assert "secret" not in response.text and "Error" not in error["message"]
+        # the log has the details under the same id
+        logged = [r for r in caplog.records if match[1] in r.getMessage()]
+        assert logged and secret in str(logged[0].exc_info[1])
