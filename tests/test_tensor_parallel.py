@@ -1,0 +1,110 @@
+"""Tensor and expert parallelism on CPU: gloo, worker processes on 127.0.0.1 (engine/parallel.py,
+engine/distributed.py)."""
+import random
+
+import pytest
+import torch
+
+from exaserve.engine import LLM, SamplingParams
+from exaserve.engine.config import ModelConfig
+from exaserve.engine.loader import load_model
+from exaserve.engine.parallel import Parallel
+from exaserve.testing import add_random_mtp, hf_greedy, make_hf_checkpoint
+
+GEN = 12
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """8 q heads over 2 kv heads (tp=4 replicates kv heads in pairs), 8 experts + a shared one, vocabulary 98
+    (not a multiple of 4: the last rank's vocabulary shard is padded), MTP block."""
+    path = tmp_path_factory.mktemp("tp_tiny")
+    model = make_hf_checkpoint(path, seed=3, vocab_size=98, num_attention_heads=8, num_key_value_heads=2, head_dim=8,
+                               num_experts=8, num_experts_per_tok=2, num_shared_experts=1)
+    add_random_mtp(path, seed=3)
+    return path, model
+
+
+def _prompts(n, vocab, seed):
+    rng = random.Random(seed)
+    return [[rng.randrange(2, vocab) for _ in range(rng.randint(3, 26))] for _ in range(n)]
+
+
+def _run(path, prompts, **kw):
+    llm = LLM(str(path), dtype="float32", max_num_seqs=4, max_num_batched_tokens=32, **kw)
+    try:
+        params = SamplingParams(max_tokens=GEN, temperature=0.0, logprobs=0, ignore_eos=True)
+        return [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+    finally:
+        llm.engine.close()
+
+
+def _chosen_logprobs(out):
+    return [lp[t] for lp, t in zip(out.logprobs, out.token_ids)]
+
+
+@pytest.mark.parametrize("kw", [dict(tensor_parallel_size=2), dict(tensor_parallel_size=2, enable_expert_parallel=True),
+                                dict(tensor_parallel_size=4),
+                                dict(tensor_parallel_size=2, num_speculative_tokens=2)],
+                         ids=["tp2", "tp2-ep", "tp4", "tp2-mtp2"])
+def test_sharded_engine_matches_one_rank_and_transformers(checkpoint, kw):
+    path, hf = checkpoint
+    prompts = _prompts(6, 98, seed=1)     # more prompts than seats, chunked prefill mixed with decode
+    one = _run(path, prompts, num_speculative_tokens=kw.get("num_speculative_tokens", 0))
+    many = _run(path, prompts, **kw)
+    for a, b in zip(one, many):
+        assert b.token_ids == a.token_ids
+        assert max(abs(x - y) for x, y in zip(_chosen_logprobs(a), _chosen_logprobs(b))) < 1e-4
+    for prompt, b in list(zip(prompts, many))[:2]:
+        ref_tokens, ref_lps = hf_greedy(hf, prompt, GEN)
+        assert b.token_ids == ref_tokens
+        assert max(abs(x - y) for x, y in zip(_chosen_logprobs(b), ref_lps)) < 1e-4
+
+
+def _shards(path, size, ep):
+    cfg = ModelConfig.from_pretrained(path)
+    return cfg, [load_model(path, torch.float32, "cpu", cfg, par=Parallel(r, size, ep)) for r in range(size)]
+
+
+@pytest.mark.parametrize("size,ep", [(2, False), (2, True), (4, False)])
+def test_shards_hold_exactly_their_slices(checkpoint, size, ep):
+    """Each rank's parameters are its slices: the shards put together give the one-rank model back, and each
+    rank holds its share of the bytes (no rank loads a whole split tensor)."""
+    path, _ = checkpoint
+    cfg, shards = _shards(path, size, ep)
+    full = load_model(path, torch.float32, "cpu", cfg)
+    d, nq, nkv = cfg.head_dim, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    q = torch.cat([s.layers[1].attn.qkv[:nq // size] for s in shards])
+    assert torch.equal(q, full.layers[1].attn.qkv[:nq])
+    k_heads = [s.layers[1].attn.qkv[nq // size:nq // size + s.layers[1].attn.nkv * d] for s in shards]
+    group = max(1, size // cfg.num_kv_heads)        # ranks sharing one kv head
+    assert torch.equal(torch.cat(k_heads[::group]), full.layers[1].attn.qkv[nq:nq + nkv])
+    assert torch.equal(torch.cat([s.layers[1].attn.o for s in shards], dim=1), full.layers[1].attn.o)
+    moe = [s.layers[1].mlp for s in shards]
+    if ep:
+        assert torch.equal(torch.cat([m.w13 for m in moe]), full.layers[1].mlp.w13)
+        assert torch.equal(torch.cat([m.w2 for m in moe]), full.layers[1].mlp.w2)
+    else:
+        width = cfg.moe_intermediate_size // size
+        assert torch.equal(torch.cat([m.w13[:, :width] for m in moe], dim=1), full.layers[1].mlp.w13[:, :width * size])
+        assert torch.equal(torch.cat([m.w2 for m in moe], dim=2), full.layers[1].mlp.w2)
+    for m in moe:
+        assert torch.equal(m.router, full.layers[1].mlp.router)       # replicated
+    embed = torch.cat([s.embed for s in shards])
+    assert torch.equal(embed[:cfg.vocab_size], full.embed) and not embed[cfg.vocab_size:].any()
+    split = sum(p.numel() for n, p in full.named_parameters() if n.endswith(("qkv", "o", "w13", "w2", "embed")))
+    for s in shards:
+        mine = sum(p.numel() for n, p in s.named_parameters() if n.endswith(("qkv", "o", "w13", "w2", "embed")))
+        assert mine < split / size * 1.5      # its share (kv heads replicated at tp=4, vocabulary padding)
+
+
+def test_sizes_that_do_not_divide_are_clear_errors(checkpoint):
+    path, _ = checkpoint
+    cfg = ModelConfig.from_pretrained(path)
+    with pytest.raises(ValueError, match=r"num_attention_heads \(8\) is not divisible by tensor_parallel_size \(3\)"):
+        load_model(path, torch.float32, "cpu", cfg, par=Parallel(0, 3))
+    with pytest.raises(ValueError, match=r"num_experts \(8\) is not divisible by tensor_parallel_size \(16\)|"
+                                         r"num_attention_heads"):
+        load_model(path, torch.float32, "cpu", cfg, par=Parallel(0, 16, True))
+    with pytest.raises(ValueError, match=r"num_attention_heads \(8\) is not divisible by tensor_parallel_size \(3\)"):
+        LLM(str(path), tensor_parallel_size=3)
