@@ -22,6 +22,7 @@ import torch
 
 from exaserve.engine import envs
 from exaserve.engine.config import EngineConfig
+from exaserve.engine.distributed import WorkerError
 from exaserve.engine.engine_core import EngineCore
 from exaserve.engine.outputs import DeltaOutput
 from exaserve.engine.sampling_params import SamplingParams
@@ -69,6 +70,8 @@ class AsyncEngine:
                 dead = EngineDeadError(f"the engine stopped: {type(e).__name__}: {e}")
                 for rid in list(self._streams):
                     self._post(rid, dead)
+            finally:
+                self.core.close()   # tensor-parallel workers end with the engine thread
 
         self._thread = threading.Thread(target=start, name="exaserve-engine", daemon=True)
         self._thread.start()
@@ -127,8 +130,19 @@ class AsyncEngine:
         self._send(("abort", request_id))
 
     def is_healthy(self) -> bool:
-        """False once the engine thread has stopped on an error (/health then answers 503)."""
-        return self.failure is None and (self._stopped or self._thread.is_alive())
+        """False once the engine thread has stopped on an error, or a tensor-parallel worker has died, even
+        between requests (/health then answers 503, and the server exits)."""
+        return self.failure is None and (self._stopped or self._thread.is_alive()) and self.core.workers_alive()
+
+    def problem(self) -> str | None:
+        """Why the engine is not healthy, or None."""
+        if self.failure is not None:
+            return f"{type(self.failure).__name__}: {self.failure}"
+        if not self.core.workers_alive():
+            return f"a tensor-parallel worker is gone ({self.core.describe_workers()})"
+        if not (self._stopped or self._thread.is_alive()):
+            return "the engine thread exited"
+        return None
 
     def stats(self) -> dict:
         return self.core.stats()
@@ -160,6 +174,8 @@ class AsyncEngine:
                 continue
             try:
                 deltas = self.core.step(before_forward=flush)
+            except WorkerError:     # a rank is gone: no later step can run
+                raise
             except Exception as e:  # a bug in a step must not kill the server: fail what was in flight
                 log.exception("engine step failed")
                 flush()

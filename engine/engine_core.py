@@ -166,11 +166,19 @@ class EngineCore:
     def close(self) -> None:
         """Stop the tensor-parallel workers (a no-op with one rank); the engine cannot step afterwards."""
         if self._workers is not None:
-            self._sharded.stop()
+            if not self._workers.any_dead():    # a stop broadcast to a dead rank could wait for the timeout
+                self._sharded.stop()
             self._close_workers()
             import torch.distributed as dist
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+    def workers_alive(self) -> bool:
+        """Whether every tensor-parallel worker process is running (True with one rank)."""
+        return self._workers is None or not self._workers.any_dead()
+
+    def describe_workers(self) -> str:
+        return "one rank" if self._workers is None else self._workers.describe_dead()
 
     def _close_workers(self) -> None:
         if self._workers is not None:

@@ -83,6 +83,10 @@ def _serve_parser() -> argparse.ArgumentParser:
                         help="MTP draft tokens per step, 0 = off (needs the checkpoint's mtp.* weights)")
     parser.add_argument("--spec-max-batch-size", type=_positive, default=32,
                         help="no drafting in steps with more running requests than this")
+    parser.add_argument("-tp", "--tensor-parallel-size", type=_positive, default=1,
+                        help="split the model over this many ranks (GPUs; processes on a CPU)")
+    parser.add_argument("--enable-expert-parallel", action="store_true",
+                        help="with -tp N: whole experts per rank instead of a slice of every expert")
     parser.add_argument("--max-queue", type=_positive,
                         help="answer 429 while this many requests wait for their first token (default: no limit)")
     parser.add_argument("--shutdown-timeout", type=_seconds, default=30.0,
@@ -165,7 +169,7 @@ async def _watch_engine(server, engine, failed: list) -> None:
     and an orchestrator restarts it."""
     while engine.is_healthy():
         await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
-    log.error("the engine stopped (see the error above): shutting down")
+    log.error("the engine stopped: %s; shutting down", engine.problem())
     failed.append(True)
     server.should_exit = True
 

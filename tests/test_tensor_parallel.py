@@ -108,3 +108,47 @@ def test_sizes_that_do_not_divide_are_clear_errors(checkpoint):
         load_model(path, torch.float32, "cpu", cfg, par=Parallel(0, 16, True))
     with pytest.raises(ValueError, match=r"num_attention_heads \(8\) is not divisible by tensor_parallel_size \(3\)"):
         LLM(str(path), tensor_parallel_size=3)
+
+
+pytest_plugins = ["server_fixture"]
+
+
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+    return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    from pathlib import Path
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_server_streams_with_tp2_and_fails_fast_when_a_worker_dies(checkpoint, live_server):
+    import json
+    import os
+    import signal
+    import time
+
+    import httpx
+
+    path, _ = checkpoint
+    prompt = _prompts(1, 98, seed=5)[0]
+    expected = _run(path, [prompt])[0]
+    with live_server(path, "-tp", "2", "--dtype", "float32") as server:
+        with httpx.stream("POST", server.url + "/v1/completions", json={
+                "prompt": prompt, "max_tokens": GEN, "temperature": 0, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}, timeout=60) as response:
+            chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+        assert "".join(choice["text"] for c in chunks for choice in c["choices"]) == expected.text
+        assert chunks[-1]["usage"]["completion_tokens"] == GEN
+        workers = _children(server.proc.pid)
+        assert len(workers) == 1
+        os.kill(workers[0], signal.SIGKILL)
+        started = time.monotonic()
+        assert server.proc.wait(timeout=20) == 1          # the server notices between requests and exits non-zero
+        assert time.monotonic() - started < 15
+        assert "the engine stopped" in server.log()
+        assert not any(_alive(w) for w in workers)
