@@ -13,8 +13,8 @@ from scripted_checkpoint import (
 )
 
 from exaserve.engine import LLM, SamplingParams
-from exaserve.engine.tokenizer import Tokenizer
 from exaserve.engine.chat_template import render_chat
+from exaserve.engine.tokenizer import Tokenizer
 from exaserve.server.parsers import parse_full
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather",

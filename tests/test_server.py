@@ -12,8 +12,8 @@ import pytest
 
 from exaserve.cli import builtin_tiny_checkpoint
 from exaserve.engine import LLM, SamplingParams
-from exaserve.engine.tiny import make_tiny_checkpoint
 from exaserve.engine.chat_template import prompt_ends_in_reasoning, render_chat
+from exaserve.engine.tiny import make_tiny_checkpoint
 from exaserve.server.parsers import THINK_END, THINK_START, TOOL_END, TOOL_START, parse_full
 
 pytest_plugins = ["server_fixture"]
