@@ -1,4 +1,4 @@
-"""Offline batch API: `LLM(model=DIR).generate(prompts, params)`."""
+"""Offline batch API: `LLM(model=DIR).generate(prompts, params)` and `LLM.chat(conversations, params)`."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,6 +7,7 @@ import sys
 
 from tqdm import tqdm
 
+from exaserve.engine.chat_template import encode_chat
 from exaserve.engine.config import EngineConfig
 from exaserve.engine.engine_core import EngineCore
 from exaserve.engine.outputs import CompletionOutput, RequestOutput
@@ -33,6 +34,22 @@ class LLM:
             raise ValueError(f"{len(prompts)} prompts but {len(param_list)} SamplingParams")
         ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         return self._run(ids, param_list, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | list[SamplingParams]
+             | None = None, *, tools: list[dict] | None = None, chat_template: str | None = None,
+             chat_template_kwargs: dict | None = None, add_generation_prompt: bool = True,
+             use_tqdm: bool = True) -> list[RequestOutput]:
+        """messages: one conversation (OpenAI-style message dicts) or a list of conversations, each rendered with the
+        chat template (the checkpoint's unless `chat_template` is given; chat_template_kwargs such as
+        enable_thinking are visible to it) and generated as `generate` does. One RequestOutput per conversation."""
+        template = chat_template or self.tokenizer.chat_template
+        if template is None:
+            raise ValueError("the model has no chat template; pass chat_template=")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [encode_chat(self.tokenizer, template, conversation, tools=tools,
+                               add_generation_prompt=add_generation_prompt, template_kwargs=chat_template_kwargs)[1]
+                   for conversation in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _run(self, prompts: list[list[int]], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
         """Each prompt's n completions run as n engine requests; stepped until all are done."""
