@@ -56,6 +56,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def _serve_parser() -> argparse.ArgumentParser:
     from exaserve.engine import envs
     from exaserve.engine.config import DTYPES, KERNEL_BACKENDS, MAX_SPECULATIVE_TOKENS
+    from exaserve.server.app import DEFAULT_MAX_N, DEFAULT_MAX_REQUEST_BYTES
 
     parser = argparse.ArgumentParser(prog="exaserve serve", description="Serve an EXAONE-MoE checkpoint over the "
                                      "OpenAI API. Without --model: a built-in tiny random checkpoint.",
@@ -89,6 +90,10 @@ def _serve_parser() -> argparse.ArgumentParser:
                         help="with -tp N: whole experts per rank instead of a slice of every expert")
     parser.add_argument("--max-queue", type=_positive,
                         help="answer 429 while this many requests wait for their first token (default: no limit)")
+    parser.add_argument("--max-request-size", type=_bytes, default=DEFAULT_MAX_REQUEST_BYTES,
+                        help="larger request bodies get 413 (e.g. 8MiB)")
+    parser.add_argument("--max-n", type=_positive, default=DEFAULT_MAX_N,
+                        help="the most choices one request may ask for (n)")
     parser.add_argument("--shutdown-timeout", type=_seconds, default=30.0,
                         help="on SIGTERM/SIGINT, how long requests in flight may run on; then they end with an "
                         "error (a second signal exits at once)")
@@ -229,11 +234,11 @@ def serve(argv: list[str]) -> int:
              info["dtype"], info["kernels"], threads)
     log.info(_describe_pools(info))
     app = build_app(engine, served_model_name=name, api_key=api_key, chat_template=chat_template,
-                    max_queue=args.max_queue)
+                    max_queue=args.max_queue, max_request_bytes=args.max_request_size, max_n=args.max_n)
     config = uvicorn.Config(app, log_config=None, http=http.protocol(args.request_timeout),
                             timeout_keep_alive=args.timeout_keep_alive)
     server = http.Server(config, shutdown_timeout=args.shutdown_timeout,
-                         on_deadline=getattr(app.state.server, "fail_in_flight", None))
+                         on_deadline=app.state.server.fail_in_flight)
     log.info("Serving %r on http://%s:%d (OpenAI API under /v1)%s", name, args.host, args.port,
              "; API key required" if api_key else "")
     failed: list = []

@@ -162,6 +162,8 @@ class _Generation:
         self._server = server
         self.request_id = request_id
         self._queue: asyncio.Queue = asyncio.Queue()
+        server.live.add(self)
+        server.loop = asyncio.get_running_loop()
         self._waiting = set(range(len(prompts)))  # choices with no token yet: the server's waiting queue
         server.num_waiting += len(prompts)
         self._tasks = []
@@ -205,8 +207,14 @@ class _Generation:
 
     def close(self) -> None:
         """Abort what is still running; safe to call more than once and from any cleanup path."""
+        self._server.live.discard(self)
         for task in self._tasks:
             task.cancel()
+
+    def fail(self, error: Exception) -> None:
+        """End the response with `error` (an error event when streaming) and abort its engine requests."""
+        self._queue.put_nowait((-1, error))
+        self.close()
 
     async def aclose(self) -> None:
         # A response's background task: Starlette runs plain functions in a thread, where cancel() is unsafe.
@@ -236,6 +244,8 @@ class OpenAIServer:
         self.max_model_len = engine.max_model_len
         self.metrics = Metrics()
         self.num_waiting = 0
+        self.live: set[_Generation] = set()     # responses in flight, for fail_in_flight
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.created = p.now()
         # Markers the parsers need stay even where a checkpoint marks them special.
         self._special = {tok.id_to_token(i) for i in tok.special_ids} - {THINK_START, THINK_END, TOOL_START, TOOL_END}
@@ -322,6 +332,16 @@ class OpenAIServer:
                 except ValueError as exc:
                     raise ApiError(400, str(exc)) from None
             previous = ids
+
+    def fail_in_flight(self, message: str = "the server is shutting down; retry the request") -> None:
+        """End every response in flight with a 503 (an error event for a stream): the shutdown deadline. Safe
+        to call from a signal handler or another thread."""
+        def fail_all():
+            for gen in list(self.live):
+                gen.fail(ApiError(503, message))
+
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(fail_all)
 
     async def start(self, request_id: str, prompts: list[list[int]], params: list[SamplingParams]) -> _Generation:
         await asyncio.to_thread(self.validate, prompts, params)  # a pass over every prompt token

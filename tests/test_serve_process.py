@@ -113,7 +113,8 @@ def test_sigterm_ends_streams_with_an_error_event_at_the_deadline(tiny_model):
         error = json.loads(rest[-2].removeprefix("data: "))
         assert "shutting down" in error["error"]["message"]
         assert time.monotonic() - started < 8
-        assert proc.wait(timeout=15) == 0
+        # a clean exit; uvicorn re-raises the signal it caught once it has shut down
+        assert proc.wait(timeout=15) in (0, -signal.SIGTERM)
         client.close()
     finally:
         _stop(proc)
