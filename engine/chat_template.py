@@ -120,7 +120,7 @@ class _SpecialGuard:
 
     def __init__(self, tokenizer):
         # The wrapper offers neither offsets nor a GIL-free encode: this module uses the `tokenizers` object itself.
-        self.backend: _Backend = tokenizer._tok
+        self.backend: _Backend = tokenizer.backend
         self.special_ids = frozenset(tokenizer.special_ids)
         self.bos = tokenizer.id_to_token(tokenizer.bos_token_id) if tokenizer.bos_token_id is not None else ""
         self.eos = tokenizer.id_to_token(tokenizer.eos_token_id) if tokenizer.eos_token_id is not None else ""

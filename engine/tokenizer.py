@@ -67,6 +67,11 @@ class Tokenizer:
         self._tok.post_processor = TemplateProcessing(single=" ".join(single), special_tokens=ends)
 
     @property
+    def backend(self) -> _Backend:
+        """The `tokenizers.Tokenizer` underneath (offsets, batch encodes that release the GIL)."""
+        return self._tok
+
+    @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
