@@ -48,6 +48,7 @@ class AsyncEngine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
+        self._adds_pending, self._adds_lock = 0, threading.Lock()   # requests sent that the engine has not taken
         self._stopped = False
         self.failure: BaseException | None = None   # what stopped the engine thread, if anything did
         # The model is built inside the engine thread, so that thread is the only one that ever runs tensor
@@ -110,6 +111,8 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in flight")
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), q)
+        with self._adds_lock:
+            self._adds_pending += 1
         self._send(("add", request_id, prompt_token_ids, params))
         finished = False
         try:
@@ -133,6 +136,11 @@ class AsyncEngine:
         """False once the engine thread has stopped on an error, or a tensor-parallel worker has died, even
         between requests (/health then answers 503, and the server exits)."""
         return self.failure is None and (self._stopped or self._thread.is_alive()) and self.core.workers_alive()
+
+    def num_waiting(self) -> int:
+        """Requests not yet scheduled: sent to the engine thread, or in the scheduler's waiting queue (preempted
+        ones included). Read from any thread; a snapshot."""
+        return self._adds_pending + len(self.core.scheduler.waiting)
 
     def problem(self) -> str | None:
         """Why the engine is not healthy, or None."""
@@ -194,6 +202,8 @@ class AsyncEngine:
                 break
             if msg[0] == "add":
                 _, rid, ids, params = msg
+                with self._adds_lock:
+                    self._adds_pending -= 1
                 if rid not in self._streams:            # the client left before the engine saw it
                     continue
                 try:

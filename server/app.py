@@ -164,27 +164,29 @@ class _Generation:
         self._queue: asyncio.Queue = asyncio.Queue()
         server.live.add(self)
         server.loop = asyncio.get_running_loop()
-        self._waiting = set(range(len(prompts)))  # choices with no token yet: the server's waiting queue
-        server.num_waiting += len(prompts)
+        self._unsent = set(range(len(prompts)))  # choices not handed to the engine yet: waiting, too
+        server.num_unsent += len(prompts)
         self._tasks = []
         for i, (ids, sp) in enumerate(zip(prompts, params)):
             task = asyncio.create_task(self._pump(i, f"{request_id}-{i}", ids, sp))
             # A done callback runs even for a task cancelled before it started, so the count never leaks.
-            task.add_done_callback(lambda _, i=i: self._stop_waiting(i))
+            task.add_done_callback(lambda _, i=i: self._sent(i))
             self._tasks.append(task)
 
-    def _stop_waiting(self, i: int) -> None:
-        if i in self._waiting:
-            self._waiting.discard(i)
-            self._server.num_waiting -= 1
+    def _sent(self, i: int) -> None:
+        if i in self._unsent:
+            self._unsent.discard(i)
+            self._server.num_unsent -= 1
 
     async def _pump(self, i: int, request_id: str, ids: list[int], params: SamplingParams) -> None:
         arrival, first = time.monotonic(), None
+        # From here the engine counts it (AsyncEngine.num_waiting): the generator's first step queues the request
+        # before anything else runs on this loop.
+        self._sent(i)
         try:
             async for delta in self._server.engine.add_request(request_id, ids, params):
                 if first is None and delta.token_ids:
                     first = time.monotonic()
-                    self._stop_waiting(i)
                 self._queue.put_nowait((i, delta))
                 if delta.finished and delta.finish_reason != "abort":
                     self._server.metrics.observe_request(arrival, first, time.monotonic(), delta.num_output_tokens)
@@ -243,7 +245,7 @@ class OpenAIServer:
         self.max_n = max_n
         self.max_model_len = engine.max_model_len
         self.metrics = Metrics()
-        self.num_waiting = 0
+        self.num_unsent = 0   # engine requests admitted here but not yet handed to the engine
         self.live: set[_Generation] = set()     # responses in flight, for fail_in_flight
         self.loop: asyncio.AbstractEventLoop | None = None
         self.created = p.now()
@@ -332,6 +334,11 @@ class OpenAIServer:
                 except ValueError as exc:
                     raise ApiError(400, str(exc)) from None
             previous = ids
+
+    @property
+    def num_waiting(self) -> int:
+        """Engine requests that wait to be scheduled: the queue --max-queue bounds (running ones are not in it)."""
+        return self.num_unsent + self.engine.num_waiting()
 
     def fail_in_flight(self, message: str = "the server is shutting down; retry the request") -> None:
         """End every response in flight with a 503 (an error event for a stream): the shutdown deadline. Safe

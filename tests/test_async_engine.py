@@ -204,3 +204,37 @@ def test_a_dead_engine_thread_fails_every_request_and_reports_unhealthy(tiny):
         assert isinstance(failed, EngineDeadError) and not engine.is_healthy()
     finally:
         engine.shutdown()
+
+
+def test_num_waiting_counts_requests_not_yet_scheduled(tiny):
+    """The queue --max-queue bounds: requests sent but not yet running, not running ones without a token yet."""
+    engine = AsyncEngine(tiny, dtype="float32", max_num_seqs=1)
+    params = SamplingParams(max_tokens=400, ignore_eos=True)
+    seen = []
+
+    async def main():
+        first = asyncio.Event()
+
+        async def consume(i):
+            async for _ in engine.add_request(f"q{i}", [5, 6, 7 + i], params):
+                first.set()
+
+        tasks = [asyncio.create_task(consume(i)) for i in range(3)]
+        await asyncio.sleep(0)
+        seen.append(engine.num_waiting())         # all three sent, at most one taken so far
+        await first.wait()
+        seen.append(engine.num_waiting())          # one runs (one seat), two wait
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for _ in range(200):
+            if engine.stats()["running"] == 0 and engine.num_waiting() == 0:
+                break
+            await asyncio.sleep(0.02)
+        seen.append(engine.num_waiting())
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert seen[0] >= 2 and seen[1] == 2 and seen[2] == 0

@@ -31,6 +31,10 @@ class FakeEngine:
         self.model_config = SimpleNamespace(vocab_size=tokenizer.vocab_size)
         self.release: asyncio.Event | None = None
         self.failure: Exception | None = None
+        self.held = 0   # requests waiting for `release`: the engine's queue
+
+    def num_waiting(self):
+        return self.held
 
     def validate(self, ids, params):
         if len(ids) + params.max_tokens > self.max_model_len:
@@ -40,7 +44,11 @@ class FakeEngine:
         if self.failure is not None:
             raise self.failure
         if self.release is not None:
-            await self.release.wait()
+            self.held += 1
+            try:
+                await self.release.wait()
+            finally:
+                self.held -= 1
         yield DeltaOutput(request_id, [5], "x", None, True, "length", None, len(ids), 1)
 
     def is_healthy(self):
