@@ -37,6 +37,10 @@ class EngineConfig:
     spec_max_batch_size: int = 32        # no drafting in steps with more running requests than this
     tensor_parallel_size: int = 1        # ranks the model is split over (engine/parallel.py, engine/distributed.py)
     enable_expert_parallel: bool = False  # with tensor_parallel_size > 1: whole experts per rank instead of slices
+    nnodes: int = 1                      # nodes the ranks are spread over (tensor_parallel_size / nnodes each)
+    node_rank: int = 0                   # this node; 0 runs the engine (and the server), others only ranks
+    master_addr: str = "127.0.0.1"       # node 0's address, where the ranks meet
+    master_port: int | None = None       # node 0's port for that; None: a free one (one node only)
 
     def __post_init__(self):
         self.model = str(self.model)
@@ -58,6 +62,15 @@ class EngineConfig:
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), low=1)
         _check_int("num_speculative_tokens", self.num_speculative_tokens, low=0, high=MAX_SPECULATIVE_TOKENS)
+        _check_int("nnodes", self.nnodes, low=1)
+        _check_int("node_rank", self.node_rank, low=0, high=self.nnodes - 1)
+        if self.tensor_parallel_size % self.nnodes:
+            raise ConfigError(f"tensor_parallel_size ({self.tensor_parallel_size}) must be a multiple of nnodes "
+                              f"({self.nnodes}): each node runs the same number of ranks")
+        if self.master_port is not None:
+            _check_int("master_port", self.master_port, low=1, high=65535)
+        elif self.nnodes > 1:
+            raise ConfigError("nnodes > 1 needs master_port (and master_addr): where the nodes' ranks meet")
         if not isinstance(self.enable_expert_parallel, bool):
             raise ConfigError(f"enable_expert_parallel must be true or false, got {self.enable_expert_parallel!r}")
 

@@ -8,17 +8,21 @@ own shard; each worker runs the same call on its shard, so the collectives insid
 0 gets the logits (an all-gather inside compute_logits) and samples; the others learn the tokens as inputs of
 the next call. Per step the workers wait on one broadcast, never on rank 0's event loop.
 
-Start-up: each worker loads its shard, then reports ("ok" or the error) on a pipe; rank 0 raises the first
-error with its rank, so a failure on any rank surfaces where the user looks. Only then do the ranks form the
-process group (a worker that died early cannot leave rank 0 waiting in a rendezvous). Workers die with the
-engine process (PR_SET_PDEATHSIG), and a worker that dies or a collective that fails marks the engine dead
-(`WorkerError`): the server then fails its requests and exits non-zero.
+Start-up goes through a TCPStore that rank 0 hosts (`Rendezvous`; on one node at a free local port, across
+nodes at --master-addr/--master-port): each rank loads its shard, then sets its report ("ok" or its error)
+in the store; rank 0 raises the first error with its rank, so a failure on any rank, on any node, surfaces
+where the user looks. Only then does rank 0 say "go" (with the KV budget every rank sizes its pools from) and
+the ranks form the process group, so a rank that died early cannot leave the others waiting in a
+rendezvous. Other nodes run no engine: `run_node` starts their ranks and waits on them. Workers die with the
+process that started them (PR_SET_PDEATHSIG), and a worker that dies or a collective that fails marks the
+engine dead (`WorkerError`): the server then fails its requests and exits non-zero.
 """
 from __future__ import annotations
 
 import ctypes
 import datetime
 import importlib
+import json
 import logging
 import os
 import signal
@@ -54,15 +58,53 @@ def die_with_parent() -> None:
         pass
 
 
-def init_group(rank: int, size: int, addr: str, port: int, device: torch.device):
-    """The default process group (NCCL on CUDA, gloo on CPU) and a gloo group for the control broadcasts."""
-    import torch.distributed as dist
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
-    dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=size,
-                            timeout=timeout)
-    control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
-    return control
+class Rendezvous:
+    """The start-up exchange of all ranks through a TCPStore hosted by rank 0."""
+
+    def __init__(self, addr: str, port: int, size: int, rank: int):
+        self.size, self.rank = size, rank
+        self.store = torch.distributed.TCPStore(addr, port, world_size=size, is_master=rank == 0,
+                                                timeout=datetime.timedelta(seconds=START_TIMEOUT_S),
+                                                wait_for_workers=False)
+
+    def report(self, error: str | None = None) -> None:
+        """This rank has loaded its shard (error=None) or failed to (the message)."""
+        self.store.set(f"loaded/{self.rank}", "ok" if error is None else f"error: {error}")
+
+    def wait_loaded(self, local: "Workers | None") -> None:
+        """Rank 0: until every rank has reported; RuntimeError naming the first that failed or died."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        pending = set(range(1, self.size))
+        while pending:
+            for rank in sorted(pending):
+                if self.store.check([f"loaded/{rank}"]):
+                    status = self.store.get(f"loaded/{rank}").decode()
+                    if status != "ok":
+                        raise RuntimeError(f"rank {rank}: {status.removeprefix('error: ')}")
+                    pending.discard(rank)
+            if local is not None and local.any_dead():
+                dead = local.first_dead()
+                if dead in pending and not self.store.check([f"loaded/{dead}"]):
+                    raise RuntimeError(f"rank {dead} exited while loading ({local.describe_dead()})")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"ranks {sorted(pending)} did not load within {START_TIMEOUT_S:.0f} s")
+            time.sleep(0.05)
+
+    def go(self, kv_cache_memory: int | None) -> None:
+        """Rank 0: start (with the KV budget every rank sizes its pools from), or kv_cache_memory=None: stop."""
+        self.store.set("go", json.dumps(kv_cache_memory))
+
+    def wait_go(self) -> int | None:
+        return json.loads(self.store.get("go"))
+
+    def init_group(self, device: torch.device):
+        """The default process group (NCCL on CUDA, gloo on CPU) and a gloo group for the control broadcasts."""
+        import torch.distributed as dist
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+        dist.init_process_group(backend, store=dist.PrefixStore("group", self.store), rank=self.rank,
+                                world_size=self.size, timeout=timeout)
+        return dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
 
 
 class ShardedModel:
@@ -163,56 +205,41 @@ def serve_calls(model, kv, control_group, device) -> None:
 
 
 class Workers:
-    """Ranks 1..size-1, each a `python -m exaserve.engine.worker` process running `target(rank, conn, *args)`
-    (target: "module:function"). Plain subprocesses rather than multiprocessing's spawn, which would re-run the
-    user's main script in every worker (a script without an `if __name__ == "__main__"` guard would start
-    engines recursively)."""
+    """Ranks `ranks` of this node, each a `python -m exaserve.engine.worker` process running
+    `target(rank, *args)` (target: "module:function"). Plain subprocesses rather than multiprocessing's spawn,
+    which would re-run the user's main script in every worker (a script without an `if __name__ ==
+    "__main__"` guard would start engines recursively)."""
 
-    def __init__(self, size: int, target: str, args: tuple):
-        self.procs, self.conns = [], []
+    def __init__(self, ranks, target: str, args: tuple):
+        self.ranks, self.procs = list(ranks), []
         try:
-            for rank in range(1, size):
+            for rank in self.ranks:
                 ours, theirs = socket.socketpair()
                 with theirs:
                     proc = subprocess.Popen([sys.executable, "-m", "exaserve.engine.worker", str(theirs.fileno())],
                                             pass_fds=[theirs.fileno()])
                 self.procs.append(proc)
-                self.conns.append(Connection(ours.detach()))
-                self.conns[-1].send((target, rank, args))
+                with Connection(ours.detach()) as conn:
+                    conn.send((target, rank, args))
         except BaseException:
             self.close(0)
             raise
 
-    def wait_loaded(self) -> list:
-        """Each worker's start-up report; raises RuntimeError with the first failing rank's message."""
-        reports = [None] * len(self.procs)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while any(r is None for r in reports):
-            for i, (proc, conn) in enumerate(zip(self.procs, self.conns)):
-                if reports[i] is not None:
-                    continue
-                if conn.poll(0.05):
-                    kind, value = conn.recv()
-                    if kind == "error":
-                        raise RuntimeError(f"rank {i + 1}: {value}")
-                    reports[i] = value
-                elif proc.poll() is not None:
-                    raise RuntimeError(f"rank {i + 1} exited with status {proc.returncode} while loading")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"a worker did not load within {START_TIMEOUT_S:.0f} s")
-        return reports
-
-    def send(self, message) -> None:
-        for conn in self.conns:
-            conn.send(message)
-
     def any_dead(self) -> bool:
         return any(p.poll() is not None for p in self.procs)
 
+    def first_dead(self) -> int | None:
+        return next((r for r, p in zip(self.ranks, self.procs) if p.poll() is not None), None)
+
     def describe_dead(self) -> str:
-        dead = [f"rank {i + 1} exited with status {p.returncode}" for i, p in enumerate(self.procs)
+        dead = [f"rank {r} exited with status {p.returncode}" for r, p in zip(self.ranks, self.procs)
                 if p.poll() is not None]
         return ", ".join(dead) or "every worker process is alive"
+
+    def wait(self) -> int:
+        """Until every worker has exited; the first non-zero status (0 if none)."""
+        codes = [p.wait() for p in self.procs]
+        return next((c for c in codes if c), 0)
 
     def close(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
@@ -222,9 +249,25 @@ class Workers:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        for conn in self.conns:
-            conn.close()
-        self.procs, self.conns = [], []
+        self.procs = []
+
+
+def run_node(config, env, target: str) -> int:
+    """Another node of a multi-node engine: start this node's ranks, wait on them, return their exit status.
+    SIGTERM or SIGINT stops them."""
+    per_node = config.tensor_parallel_size // config.nnodes
+    first = config.node_rank * per_node
+    workers = Workers(range(first, first + per_node), target, (config, env))
+    log.info("node %d: ranks %d-%d started; waiting for rank 0 at %s:%d", config.node_rank, first,
+             first + per_node - 1, config.master_addr, config.master_port)
+
+    def stop(signum, frame):
+        for proc in workers.procs:
+            proc.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return workers.wait()
 
 
 def set_threads_per_rank(size: int) -> None:
@@ -235,7 +278,7 @@ def set_threads_per_rank(size: int) -> None:
 
 def worker_entry(fd: int) -> None:
     die_with_parent()
-    conn = Connection(fd)
-    target, rank, args = conn.recv()
+    with Connection(fd) as conn:
+        target, rank, args = conn.recv()
     module, _, function = target.partition(":")
-    getattr(importlib.import_module(module), function)(rank, conn, *args)
+    getattr(importlib.import_module(module), function)(rank, *args)

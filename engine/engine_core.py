@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import gc
 import logging
 import time
@@ -48,7 +49,7 @@ class _Plan:
     def of(cls, c: EngineConfig, env: envs.Env, rank: int = 0, verbose: bool = True) -> "_Plan":
         device = torch.device(c.device if c.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
         if device.type == "cuda" and c.tensor_parallel_size > 1:
-            device = torch.device("cuda", rank)           # one GPU per rank
+            device = torch.device("cuda", rank % (c.tensor_parallel_size // c.nnodes))   # one GPU per rank
         cfg = ModelConfig.from_pretrained(Path(c.model))
         ops = kernels.select(c.kernels or env.kernels, device, env.cpu_ext_cflags)
         stored = resolve_dtype(cfg.checkpoint_dtype if c.dtype == "auto" else c.dtype)
@@ -87,30 +88,35 @@ class _Plan:
                               device=self.device, num_kv_heads=par.kv_heads(self.cfg.num_kv_heads)[1])
 
 
-def _worker_main(rank: int, conn, config: EngineConfig, env: envs.Env) -> None:
+def _worker_main(rank: int, config: EngineConfig, env: envs.Env) -> None:
     """A tensor-parallel rank > 0 (engine/distributed.py): load this rank's shard, report, then serve calls."""
     import torch.distributed as dist
     size = config.tensor_parallel_size
+    rendezvous = distributed.Rendezvous(config.master_addr, config.master_port, size, rank)
     try:
         plan = _Plan.of(config, env, rank, verbose=False)
         if plan.device.type == "cpu":
-            distributed.set_threads_per_rank(size)
+            distributed.set_threads_per_rank(size // config.nnodes)
         par = Parallel(rank, size, config.enable_expert_parallel)
         model = plan.load(config, par)
-        conn.send(("ok", rank))
-        message = conn.recv()
-        if message[0] != "go":
-            return
-        _, port, kv_cache_memory = message
-        control = distributed.init_group(rank, size, "127.0.0.1", port, plan.device)
-        kv = plan.kv_cache(config, kv_cache_memory, par)
     except BaseException as e:  # reported on rank 0, which raises it with this rank's number
-        conn.send(("error", f"{type(e).__name__}: {e}"))
+        rendezvous.report(f"{type(e).__name__}: {e}")
         return
+    rendezvous.report()
+    kv_cache_memory = rendezvous.wait_go()
+    if kv_cache_memory is None:     # rank 0 failed to start
+        return
+    control = rendezvous.init_group(plan.device)
+    kv = plan.kv_cache(config, kv_cache_memory, par)
     try:
         distributed.serve_calls(model, kv, control, plan.device)
     finally:
         dist.destroy_process_group()
+
+
+def run_node(config: EngineConfig, env: envs.Env | None = None) -> int:
+    """A node other than 0 of a multi-node engine: run this node's ranks until they end (their exit status)."""
+    return distributed.run_node(config, env or envs.read(), f"{__name__}:_worker_main")
 
 
 class EngineCore:
@@ -125,18 +131,28 @@ class EngineCore:
         self.tokenizer = Tokenizer.from_pretrained(path)
         size = c.tensor_parallel_size
         self.par = Parallel(0, size, c.enable_expert_parallel)
-        self._workers = None
+        self._workers = self._rendezvous = None
         if size > 1:
+            if c.node_rank != 0:
+                raise ValueError(f"node_rank {c.node_rank} runs ranks only: use run_node (exaserve serve does)")
+            per_node = size // c.nnodes
             if self.device.type == "cpu":
-                distributed.set_threads_per_rank(size)
-            self._workers = distributed.Workers(size, f"{__name__}:_worker_main", (c, env))
+                distributed.set_threads_per_rank(per_node)
+            # the ranks meet at rank 0's store: a free local port on one node, --master-addr/port across nodes
+            if c.nnodes == 1:
+                c = dataclasses.replace(c, master_addr="127.0.0.1", master_port=c.master_port or
+                                        distributed.free_port())
+            self._rendezvous = distributed.Rendezvous(c.master_addr, c.master_port, size, 0)
+            self._workers = distributed.Workers(range(1, per_node), f"{__name__}:_worker_main", (c, env))
 
         t0 = time.monotonic()
         try:
             self.model = plan.load(c, self.par)
-            if self._workers is not None:
-                self._workers.wait_loaded()
+            if self._rendezvous is not None:
+                self._rendezvous.wait_loaded(self._workers)
         except BaseException:
+            if self._rendezvous is not None:
+                self._rendezvous.go(None)          # the other ranks stop instead of waiting
             self._close_workers()
             raise
         self.num_speculative_tokens = c.num_speculative_tokens
@@ -145,10 +161,9 @@ class EngineCore:
         self.load_seconds = time.monotonic() - t0
         kv_cache_memory = c.kv_cache_memory if c.kv_cache_memory is not None else self._default_kv_memory()
         runner_model = self.model
-        if self._workers is not None:
-            port = distributed.free_port()
-            self._workers.send(("go", port, kv_cache_memory))
-            control = distributed.init_group(0, size, "127.0.0.1", port, self.device)
+        if self._rendezvous is not None:
+            self._rendezvous.go(kv_cache_memory)
+            control = self._rendezvous.init_group(self.device)
             runner_model = self._sharded = distributed.ShardedModel(self.model, control, self._workers)
         self.kv = plan.kv_cache(c, kv_cache_memory, self.par)
         self.scheduler = Scheduler(self.kv, max_num_seqs=c.max_num_seqs,

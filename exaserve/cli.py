@@ -88,6 +88,11 @@ def _serve_parser() -> argparse.ArgumentParser:
                         help="split the model over this many ranks (GPUs; processes on a CPU)")
     parser.add_argument("--enable-expert-parallel", action="store_true",
                         help="with -tp N: whole experts per rank instead of a slice of every expert")
+    parser.add_argument("--nnodes", type=_positive, default=1, help="nodes the -tp ranks are spread over")
+    parser.add_argument("--node-rank", type=int, default=0,
+                        help="this node (0 serves the API; the others only run their ranks)")
+    parser.add_argument("--master-addr", default="127.0.0.1", help="node 0's address, where the ranks meet")
+    parser.add_argument("--master-port", type=int, help="node 0's port for that (needed with --nnodes > 1)")
     parser.add_argument("--max-queue", type=_positive,
                         help="answer 429 while this many requests wait for their first token (default: no limit)")
     parser.add_argument("--max-request-size", type=_bytes, default=DEFAULT_MAX_REQUEST_BYTES,
@@ -188,9 +193,25 @@ async def _run(server, engine, sock, failed: list) -> None:
             task.cancel()
 
 
+def _raise_open_file_limit(want: int = 65536) -> None:
+    """Each connection is a file descriptor; the common soft limit of 1024 would refuse clients long before the
+    engine is busy (vLLM raises it too). Up to the hard limit, never down."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d: %s", soft, exc)
+
+
 def serve(argv: list[str]) -> int:
     args = _serve_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _raise_open_file_limit()
+    if args.node_rank != 0:
+        return _serve_node(args)
     import uvicorn
 
     from exaserve.engine import AsyncEngine, envs
@@ -250,6 +271,23 @@ def serve(argv: list[str]) -> int:
     return 1 if failed else 0
 
 
+def _serve_node(args) -> int:
+    """Node > 0 of a multi-node engine: this node's ranks only (no engine, no API), until they end."""
+    from exaserve.engine import envs
+    from exaserve.engine.config import ConfigError, EngineConfig
+    from exaserve.engine.engine_core import run_node
+
+    if args.model is None:
+        sys.exit("exaserve: --node-rank > 0 needs --model (the same checkpoint path as on node 0)")
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if hasattr(args, f.name)}
+    try:
+        config = EngineConfig(**{**options, "model": args.model})
+        env = envs.read()
+    except (ConfigError, ValueError) as exc:
+        sys.exit(f"exaserve: {exc}")
+    return run_node(config, env)
+
+
 def build_kernels(argv: list[str]) -> int:
     """Compile the C++ CPU kernels now (otherwise the first CPU server or engine does it, ~30-60 s once)."""
     argparse.ArgumentParser(prog="exaserve build-kernels", description=build_kernels.__doc__).parse_args(argv)
@@ -266,12 +304,12 @@ def build_kernels(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from exaserve import __version__
+    from exaserve import __version__, plan
     from exaserve.engine.tiny import main_make_tiny
 
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"serve": serve, "make-tiny": main_make_tiny, "build-kernels": build_kernels}
-    usage = ("usage: exaserve {serve,make-tiny,build-kernels} [options]   (exaserve COMMAND --help lists the "
+    commands = {"serve": serve, "make-tiny": main_make_tiny, "build-kernels": build_kernels, "plan": plan.main}
+    usage = ("usage: exaserve {serve,plan,make-tiny,build-kernels} [options]   (exaserve COMMAND --help lists the "
              "options); exaserve --version")
     if argv[:1] in (["-h"], ["--help"]):
         print(usage)

@@ -61,9 +61,15 @@ def test_busy_port_fails_before_loading(tiny_model):
 
 
 def test_half_sent_requests_are_closed_and_others_served(tiny_model):
+    import resource
     proc, url, log = _serve(tiny_model, "--request-timeout", "1")
     try:
         _wait_ready(proc, url, log)
+        # each connection is a file descriptor: the soft limit is raised (up to the hard one) at start
+        line = next(x for x in open(f"/proc/{proc.pid}/limits") if x.startswith("Max open files"))
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        want = 65536 if hard == resource.RLIM_INFINITY else min(65536, hard)
+        assert int(line.split()[3]) >= want
         port = int(url.rsplit(":", 1)[1])
         silent = socket.create_connection(("127.0.0.1", port))
         partial = socket.create_connection(("127.0.0.1", port))

@@ -152,3 +152,86 @@ def test_server_streams_with_tp2_and_fails_fast_when_a_worker_dies(checkpoint, l
         assert time.monotonic() - started < 15
         assert "the engine stopped" in server.log()
         assert not any(_alive(w) for w in workers)
+
+
+def test_two_nodes_give_the_tokens_of_one(checkpoint):
+    """Two "nodes" on 127.0.0.1 with two ranks each: node 1 is `exaserve serve --node-rank 1` (its ranks only),
+    node 0 the engine; the tokens equal one rank's, and node 1 ends cleanly with the engine."""
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    path, _ = checkpoint
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    node1 = subprocess.Popen([sys.executable, "-m", "exaserve", "serve", "--model", str(path), "--dtype", "float32",
+                              "-tp", "4", "--nnodes", "2", "--node-rank", "1", "--master-addr", "127.0.0.1",
+                              "--master-port", str(port)], cwd=tempfile.gettempdir())
+    try:
+        prompts = _prompts(3, 98, seed=7)
+        many = _run(path, prompts, tensor_parallel_size=4, nnodes=2, master_addr="127.0.0.1", master_port=port)
+        one = _run(path, prompts)
+        assert [o.token_ids for o in many] == [o.token_ids for o in one]
+        assert node1.wait(timeout=60) == 0
+    finally:
+        if node1.poll() is None:
+            node1.kill()
+            node1.wait()
+
+
+def test_multi_node_options_are_checked():
+    from exaserve.engine.config import ConfigError, EngineConfig
+    with pytest.raises(ConfigError, match="master_port"):
+        EngineConfig("m", tensor_parallel_size=4, nnodes=2)
+    with pytest.raises(ConfigError, match="multiple of nnodes"):
+        EngineConfig("m", tensor_parallel_size=3, nnodes=2, master_port=29500)
+    with pytest.raises(ConfigError, match="node_rank"):
+        EngineConfig("m", tensor_parallel_size=4, nnodes=2, node_rank=2, master_port=29500)
+
+
+def test_a_rank_that_fails_to_load_is_reported_by_rank_0_with_its_message():
+    from exaserve.engine import distributed
+    port = distributed.free_port()
+    rank0 = distributed.Rendezvous("127.0.0.1", port, 3, 0)
+    distributed.Rendezvous("127.0.0.1", port, 3, 1).report()
+    distributed.Rendezvous("127.0.0.1", port, 3, 2).report("CheckpointError: tensor 'x' is truncated")
+    with pytest.raises(RuntimeError, match=r"rank 2: CheckpointError: tensor 'x' is truncated"):
+        rank0.wait_loaded(None)
+    rank0.go(None)      # the ranks that loaded are told to stop
+    assert distributed.Rendezvous("127.0.0.1", port, 3, 1).wait_go() is None
+
+
+def test_a_worker_killed_mid_request_fails_the_request_and_the_engine(checkpoint):
+    """A rank that dies during a step: the collective fails, the engine thread stops with WorkerError, the
+    request gets an error instead of hanging, and nothing is left running."""
+    import asyncio
+    import os
+    import signal
+    import time
+
+    from exaserve.engine import AsyncEngine
+    from exaserve.engine.async_engine import EngineDeadError
+
+    path, _ = checkpoint
+    engine = AsyncEngine(str(path), dtype="float32", tensor_parallel_size=2)
+    workers = [p.pid for p in engine.core._workers.procs]
+
+    async def main():
+        got = 0
+        with pytest.raises(EngineDeadError):
+            async for d in engine.add_request("r", [5, 6, 7], SamplingParams(max_tokens=400, ignore_eos=True)):
+                got += len(d.token_ids)
+                if got >= 3 and workers:
+                    os.kill(workers[0], signal.SIGKILL)
+        return got
+
+    try:
+        started = time.monotonic()
+        assert asyncio.run(main()) >= 3
+        assert time.monotonic() - started < 60
+        assert not engine.is_healthy() and "tensor-parallel" in (engine.problem() or "") + str(engine.failure)
+    finally:
+        engine.shutdown()
+    assert all(not _alive(pid) for pid in workers)
