@@ -8,7 +8,12 @@ on the bench checkpoint (`exaserve make-tiny --preset bench`), prefilled, then `
 change in the host's load hits both; the table gives each variant's median over rounds and the ratio to
 the first variant. A variant is NAME=ENV where ENV is space-separated VAR=VALUE settings (may be empty), or
 NAME@DIR=ENV to run the checkout in DIR instead of this one (its own benchmarks/step_ab.py as the child), which
-compares commits in one interleaved run:
+compares commits in one interleaved run. STEP_AB_ENGINE=KEY=VALUE[,KEY=VALUE...] in ENV sets engine options
+(EngineConfig's names; integers and true/false parsed), e.g. tensor parallel against one rank:
+
+    python benchmarks/step_ab.py --batch 1 8 --variant tp1= --variant tp2=STEP_AB_ENGINE=tensor_parallel_size=2
+
+and checkouts:
 
     git worktree add /tmp/base COMMIT
     python benchmarks/step_ab.py --batch 1 8 32 --variant new= --variant base@/tmp/base=
@@ -33,7 +38,12 @@ def child(args) -> None:
     from exaserve.engine.config import EngineConfig
     from exaserve.engine.engine_core import EngineCore
     from exaserve.engine.sampling_params import SamplingParams
-    engine = EngineCore(EngineConfig(str(args.model), max_num_seqs=max(args.batch), max_num_batched_tokens=2048))
+    extra = {}
+    for item in filter(None, os.environ.get("STEP_AB_ENGINE", "").split(",")):
+        key, _, value = item.partition("=")
+        extra[key] = int(value) if value.isdigit() else {"true": True, "false": False}.get(value.lower(), value)
+    engine = EngineCore(EngineConfig(str(args.model), max_num_seqs=max(args.batch), max_num_batched_tokens=2048,
+                                     **extra))
     rng = random.Random(0)
     batch, vocab = args.batch[0], engine.model_config.vocab_size
     total = (args.repeats * args.steps + 20) * 2
@@ -50,6 +60,7 @@ def child(args) -> None:
         for _ in range(args.steps):
             engine.step()
         runs.append((time.perf_counter() - t) / args.steps * 1e3)
+    engine.close()
     print(json.dumps({"ms": statistics.median(runs)}))
 
 
