@@ -31,7 +31,8 @@ class EngineConfig:
     max_model_len: int | None = None     # longest prompt + output; None: the model's max_position_embeddings
     max_num_seqs: int = 64               # requests in one batch
     max_num_batched_tokens: int = 2048   # tokens in one step
-    kv_cache_memory: int | None = None   # bytes for both KV pools; None: 90% of free GPU memory, 2 GiB on a CPU
+    kv_cache_memory: int | None = None   # bytes for both KV pools; None: from gpu_memory_utilization, 2 GiB on a CPU
+    gpu_memory_utilization: float = 0.9  # share of each GPU's memory for weights + KV pools (kv_cache_memory unset)
     block_size: int = 16                 # tokens per block of the paged (global-layer) pool
     num_speculative_tokens: int = 0      # MTP draft tokens per step, 0 = off
     spec_max_batch_size: int = 32        # no drafting in steps with more running requests than this
@@ -62,6 +63,9 @@ class EngineConfig:
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), low=1)
         _check_int("num_speculative_tokens", self.num_speculative_tokens, low=0, high=MAX_SPECULATIVE_TOKENS)
+        if isinstance(self.gpu_memory_utilization, bool) or not isinstance(self.gpu_memory_utilization, (int, float)) \
+                or not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         _check_int("nnodes", self.nnodes, low=1)
         _check_int("node_rank", self.node_rank, low=0, high=self.nnodes - 1)
         if self.tensor_parallel_size % self.nnodes:

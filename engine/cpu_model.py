@@ -52,28 +52,38 @@ def _cpp_layer(model: ExaoneMoeModel, layer: DecoderLayer, pool_index: int):
                               pool_index=pool_index, route=route)
 
 
+def pack_weights(model: ExaoneMoeModel) -> None:
+    """Every GEMM weight of the model into the C++ kernels' packed layout, in place. Alone (without CpuModel)
+    for a model that runs layer by layer on the cpu ops: a tensor-parallel rank, whose layers all-reduce
+    halfway, which the one-call layer stack cannot."""
+    if model.ops.name != "cpu":
+        raise ValueError(f"packed weights need a model built with the cpu kernel backend, not {model.ops.name!r}")
+    for layer in model.layers:
+        _pack_layer(layer)
+    if model.lm_head is model.embed:  # tied: the embedding lookup needs plain rows, so the lm_head gets a copy
+        model.lm_head = nn.Parameter(model.embed.detach().clone(), requires_grad=False)
+    cpu_ops.pack_parameter(model.lm_head)
+    if model.mtp is not None:
+        cpu_ops.pack_parameter(model.mtp.fc)
+        _pack_layer(model.mtp.layer)
+
+
 class CpuModel:
     def __init__(self, model: ExaoneMoeModel, argmax_screen: bool = True):
         if model.ops.name != "cpu":
             raise ValueError(f"CpuModel needs a model built with the cpu kernel backend, not {model.ops.name!r}")
         self.model = model
-        for layer in model.layers:
-            _pack_layer(layer)
-        self.layers = [_cpp_layer(model, layer, idx) for layer, idx in zip(model.layers, model.pool_index)]
-        if model.lm_head is model.embed:  # tied: the embedding lookup needs plain rows, so the lm_head gets a copy
-            model.lm_head = nn.Parameter(model.embed.detach().clone(), requires_grad=False)
         # Greedy rows take their argmax through an int8 screen of the lm_head: the same tokens, about half the
-        # lm_head's bytes per step (EXASERVE_ARGMAX_SCREEN=0 turns it off, for A/B measurements).
+        # lm_head's bytes per step (EXASERVE_ARGMAX_SCREEN=0 turns it off, for A/B measurements). Built from
+        # the plain rows, before they are packed.
         self.screen = ()
         if argmax_screen:
             try:
                 self.screen = cpu_ops.argmax_screen(model.lm_head.data)
             except RuntimeError as e:  # weights it cannot bound (not finite, huge): every logit is computed
                 log.warning("no argmax screen: %s", str(e).splitlines()[0])
-        cpu_ops.pack_parameter(model.lm_head)
-        if model.mtp is not None:
-            cpu_ops.pack_parameter(model.mtp.fc)
-            _pack_layer(model.mtp.layer)
+        pack_weights(model)
+        self.layers = [_cpp_layer(model, layer, idx) for layer, idx in zip(model.layers, model.pool_index)]
 
     @torch.inference_mode()
     def forward(self, input_ids, positions, meta: AttnMetadata, kv, before_compute=None) -> torch.Tensor:

@@ -151,36 +151,27 @@ class ShardedModel:
             pass
 
 
-def _cpu(args):
-    """Tensors (also inside the metadata dataclass) moved to the host for pickling on the gloo control group."""
+def _map_tensors(args: tuple, fn) -> tuple:
+    """args with fn applied to each tensor, also to the tensors inside a dataclass (the attention metadata)."""
     import dataclasses
     out = []
     for a in args:
         if isinstance(a, torch.Tensor):
-            out.append(a.cpu())
+            a = fn(a)
         elif dataclasses.is_dataclass(a):
-            out.append(dataclasses.replace(a, **{f.name: getattr(a, f.name).cpu() for f in dataclasses.fields(a)
-                                                  if isinstance(getattr(a, f.name), torch.Tensor)}))
-        else:
-            out.append(a)
+            a = dataclasses.replace(a, **{f.name: fn(getattr(a, f.name)) for f in dataclasses.fields(a)
+                                          if isinstance(getattr(a, f.name), torch.Tensor)})
+        out.append(a)
     return tuple(out)
 
 
-def _to(args, device):
-    import dataclasses
-    if device.type == "cpu":
-        return args
-    out = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            out.append(a.to(device))
-        elif dataclasses.is_dataclass(a):
-            out.append(dataclasses.replace(a, **{f.name: getattr(a, f.name).to(device)
-                                                  for f in dataclasses.fields(a)
-                                                  if isinstance(getattr(a, f.name), torch.Tensor)}))
-        else:
-            out.append(a)
-    return tuple(out)
+def _cpu(args: tuple) -> tuple:
+    """On the host, for pickling on the gloo control group."""
+    return _map_tensors(args, lambda t: t.cpu())
+
+
+def _to(args: tuple, device: torch.device) -> tuple:
+    return args if device.type == "cpu" else _map_tensors(args, lambda t: t.to(device))
 
 
 def serve_calls(model, kv, control_group, device) -> None:

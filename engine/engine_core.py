@@ -14,7 +14,7 @@ import torch
 from exaserve import kernels
 from exaserve.engine import distributed, envs
 from exaserve.engine.config import EngineConfig, ModelConfig
-from exaserve.engine.cpu_model import CpuModel
+from exaserve.engine.cpu_model import CpuModel, pack_weights
 from exaserve.engine.detokenizer import IncrementalDetokenizer
 from exaserve.engine.kv_cache import KVCache
 from exaserve.engine.loader import load_model, resolve_dtype
@@ -78,6 +78,8 @@ class _Plan:
             raise ValueError(f"num_speculative_tokens={c.num_speculative_tokens} needs the checkpoint's MTP block "
                              f"(mtp.* tensors), and {c.model} has none; use num_speculative_tokens=0")
         model.init_rope(self.max_model_len, self.device)
+        if self.ops.name == "cpu" and par.size > 1:
+            pack_weights(model)   # ranks run layer by layer on the cpu ops (CpuModel's one call cannot all-reduce)
         return model
 
     def kv_cache(self, c: EngineConfig, kv_cache_memory: int, par: Parallel) -> KVCache:
@@ -202,8 +204,10 @@ class EngineCore:
 
     def _default_kv_memory(self) -> int:
         if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return int(free * 0.9)
+            # vLLM's rule: this process may use gpu_memory_utilization of the device; the weights (loaded by
+            # now) and what others use come out of it, and the rest goes to the KV pools
+            free, total = torch.cuda.mem_get_info(self.device)
+            return max(0, int(free - total * (1 - self.config.gpu_memory_utilization)))
         return 2 * GiB
 
     @property

@@ -76,7 +76,10 @@ def _serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-num-batched-tokens", type=_positive, default=2048, help="tokens in one step")
     parser.add_argument("--block-size", type=_positive, default=16, help="tokens per KV block (global layers)")
     parser.add_argument("--kv-cache-memory", type=_bytes,
-                        help="bytes for both KV pools, e.g. 40GiB (default: 90%% of free GPU memory, 2GiB on CPU)")
+                        help="bytes for both KV pools per rank, e.g. 40GiB (default: what --gpu-memory-utilization "
+                        "leaves after the weights; 2GiB on CPU)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="share of each GPU's memory for the weights and the KV pools")
     parser.add_argument("--served-model-name", help="the name clients send as `model` (default: --model)")
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $EXASERVE_API_KEY)")
     parser.add_argument("--chat-template", type=Path, help="a Jinja2 file that replaces the checkpoint's template")

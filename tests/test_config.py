@@ -111,3 +111,9 @@ def test_serve_refuses_a_backend_this_machine_cannot_run(tmp_path):
                           env=env, cwd=tempfile.gettempdir())
     assert done.returncode != 0
     assert "kernel backend 'triton' cannot run here: the Triton kernels need a CUDA device" in done.stderr
+
+
+@pytest.mark.parametrize("value", [0, 1.5, -0.1, True, "0.9"])
+def test_gpu_memory_utilization_is_checked(value):
+    with pytest.raises(ConfigError, match="gpu_memory_utilization"):
+        EngineConfig("m", gpu_memory_utilization=value)

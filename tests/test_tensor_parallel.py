@@ -235,3 +235,31 @@ def test_a_worker_killed_mid_request_fails_the_request_and_the_engine(checkpoint
     finally:
         engine.shutdown()
     assert all(not _alive(pid) for pid in workers)
+
+
+def test_tp2_with_preemption_n_and_top_logprobs_equals_one_rank(checkpoint):
+    """A KV pool small enough to preempt, two seeded sampled choices per prompt and top-3 logprobs: tp=2 gives
+    what one rank gives."""
+    path, _ = checkpoint
+    prompts = _prompts(4, 98, seed=11)
+    params = SamplingParams(max_tokens=24, temperature=0.8, seed=5, n=2, logprobs=3, ignore_eos=True)
+
+    def run(tp):
+        # the budget is per rank, and a rank of tp=2 holds half the kv heads: half the bytes, the same 30 blocks
+        ring = 3 * 4 * 8 * 2 * 2 * 8 * 4 // tp          # 3 sliding layers x 4 seats x 8 rows x K,V x heads x 8 x 4 B
+        llm = LLM(str(path), dtype="float32", max_num_seqs=4, max_num_batched_tokens=16, block_size=4,
+                  kv_cache_memory=ring + 30 * 4 * 2 * 2 * 8 * 4 // tp, tensor_parallel_size=tp)
+        try:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            return outs, llm.engine.stats()
+        finally:
+            llm.engine.close()
+
+    (one, s1), (two, s2) = run(1), run(2)
+    assert s1["blocks_total"] == s2["blocks_total"] == 30
+    assert s1["preemptions"] > 0 and s1["preemptions"] == s2["preemptions"]
+    for a, b in zip(one, two):
+        assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+        for ca, cb in zip(a.outputs, b.outputs):
+            for la, lb in zip(ca.logprobs, cb.logprobs):
+                assert la.keys() == lb.keys() and max(abs(la[t] - lb[t]) for t in la) < 1e-4
