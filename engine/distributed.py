@@ -37,7 +37,6 @@ import torch
 log = logging.getLogger("exaserve.engine")
 
 START_TIMEOUT_S = 1800.0        # loading a shard of a large checkpoint from a slow disk
-COLLECTIVE_TIMEOUT_S = 600.0    # a collective that waits longer means a hung rank
 
 
 class WorkerError(RuntimeError):
@@ -97,11 +96,12 @@ class Rendezvous:
     def wait_go(self) -> int | None:
         return json.loads(self.store.get("go"))
 
-    def init_group(self, device: torch.device):
-        """The default process group (NCCL on CUDA, gloo on CPU) and a gloo group for the control broadcasts."""
+    def init_group(self, device: torch.device, timeout_s: float):
+        """The default process group (NCCL on CUDA, gloo on CPU) and a gloo group for the control broadcasts;
+        a collective that waits longer than timeout_s fails (a hung rank: EXASERVE_COLLECTIVE_TIMEOUT)."""
         import torch.distributed as dist
         backend = "nccl" if device.type == "cuda" else "gloo"
-        timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+        timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(backend, store=dist.PrefixStore("group", self.store), rank=self.rank,
                                 world_size=self.size, timeout=timeout)
         return dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
@@ -114,11 +114,13 @@ class ShardedModel:
     def __init__(self, local, control_group, workers: "Workers"):
         self.local, self.control, self.workers = local, control_group, workers
         self.ops, self.cfg, self.mtp, self.par = local.ops, local.cfg, local.mtp, local.par
+        self.broken = False     # a collective failed: the ranks are out of step for good
 
     def _broadcast(self, call) -> None:
         try:
             torch.distributed.broadcast_object_list([call], src=0, group=self.control)
         except Exception as exc:
+            self.broken = True
             raise WorkerError(f"a worker stopped answering ({self.workers.describe_dead()}): {exc}") from exc
 
     def _run(self, fn, *args):
@@ -128,6 +130,7 @@ class ShardedModel:
             raise
         except RuntimeError as exc:   # gloo/NCCL report a peer that is gone as a RuntimeError
             if self.workers.any_dead() or "Connection" in str(exc) or "timed out" in str(exc).lower():
+                self.broken = True
                 raise WorkerError(f"tensor-parallel collective failed ({self.workers.describe_dead()}): {exc}") \
                     from exc
             raise

@@ -108,7 +108,7 @@ def _worker_main(rank: int, config: EngineConfig, env: envs.Env) -> None:
     kv_cache_memory = rendezvous.wait_go()
     if kv_cache_memory is None:     # rank 0 failed to start
         return
-    control = rendezvous.init_group(plan.device)
+    control = rendezvous.init_group(plan.device, env.collective_timeout)
     kv = plan.kv_cache(config, kv_cache_memory, par)
     try:
         distributed.serve_calls(model, kv, control, plan.device)
@@ -165,7 +165,7 @@ class EngineCore:
         runner_model = self.model
         if self._rendezvous is not None:
             self._rendezvous.go(kv_cache_memory)
-            control = self._rendezvous.init_group(self.device)
+            control = self._rendezvous.init_group(self.device, env.collective_timeout)
             runner_model = self._sharded = distributed.ShardedModel(self.model, control, self._workers)
         self.kv = plan.kv_cache(c, kv_cache_memory, self.par)
         self.scheduler = Scheduler(self.kv, max_num_seqs=c.max_num_seqs,
@@ -183,9 +183,11 @@ class EngineCore:
     def close(self) -> None:
         """Stop the tensor-parallel workers (a no-op with one rank); the engine cannot step afterwards."""
         if self._workers is not None:
-            if not self._workers.any_dead():    # a stop broadcast to a dead rank could wait for the timeout
+            # after a failed collective (a dead or hung rank) a stop broadcast could wait for the timeout
+            healthy = not self._workers.any_dead() and not self._sharded.broken
+            if healthy:
                 self._sharded.stop()
-            self._close_workers()
+            self._close_workers(timeout=10.0 if healthy else 0.0)
             import torch.distributed as dist
             if dist.is_initialized():
                 dist.destroy_process_group()
@@ -197,9 +199,9 @@ class EngineCore:
     def describe_workers(self) -> str:
         return "one rank" if self._workers is None else self._workers.describe_dead()
 
-    def _close_workers(self) -> None:
+    def _close_workers(self, timeout: float = 10.0) -> None:
         if self._workers is not None:
-            self._workers.close()
+            self._workers.close(timeout)
             self._workers = None
 
     def _default_kv_memory(self) -> int:

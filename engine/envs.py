@@ -35,6 +35,13 @@ def _bool(text: str) -> bool:
     raise ValueError("use 1 or 0")
 
 
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("use a number of seconds > 0")
+    return value
+
+
 def _words(text: str) -> tuple[str, ...]:
     return tuple(text.split())
 
@@ -60,6 +67,10 @@ class Env:
         "each set of flags builds into its own folder"))
     api_key: str | None = field(default=None, metadata=_var(
         "EXASERVE_API_KEY", str, "the server's API key when --api-key is not given"))
+    collective_timeout: float = field(default=120.0, metadata=_var(
+        "EXASERVE_COLLECTIVE_TIMEOUT", _positive_seconds,
+        "tensor parallel: seconds a collective may wait for the other ranks before the engine gives up on a hung "
+        "rank (a step takes well under a second; the first steps on a GPU compile kernels)"))
 
 
 VARIABLES = {f.metadata["env"]: f for f in dataclasses.fields(Env)}

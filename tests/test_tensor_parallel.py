@@ -263,3 +263,36 @@ def test_tp2_with_preemption_n_and_top_logprobs_equals_one_rank(checkpoint):
         for ca, cb in zip(a.outputs, b.outputs):
             for la, lb in zip(ca.logprobs, cb.logprobs):
                 assert la.keys() == lb.keys() and max(abs(la[t] - lb[t]) for t in la) < 1e-4
+
+
+def test_a_hung_worker_fails_the_request_after_the_collective_timeout(checkpoint):
+    """A rank that stops answering (SIGSTOP) without dying: the collective times out
+    (EXASERVE_COLLECTIVE_TIMEOUT), the request gets an error, the engine reports the hung rank, and the stopped
+    worker is killed on shutdown."""
+    import asyncio
+    import os
+    import signal
+    import time
+
+    from exaserve.engine import AsyncEngine, envs
+    from exaserve.engine.async_engine import EngineDeadError
+
+    path, _ = checkpoint
+    engine = AsyncEngine(str(path), dtype="float32", tensor_parallel_size=2, env=envs.Env(collective_timeout=3.0))
+    worker = engine.core._workers.procs[0].pid
+    stopped = []
+
+    async def main():
+        with pytest.raises(EngineDeadError):
+            async for _ in engine.add_request("r", [5, 6, 7], SamplingParams(max_tokens=400, ignore_eos=True)):
+                if not stopped:
+                    os.kill(worker, signal.SIGSTOP)
+                    stopped.append(time.monotonic())
+
+    try:
+        asyncio.run(main())
+        assert time.monotonic() - stopped[0] < 30
+        assert "WorkerError" in engine.problem()
+    finally:
+        engine.shutdown()
+    assert not _alive(worker)
