@@ -62,9 +62,12 @@ class Rendezvous:
 
     def __init__(self, addr: str, port: int, size: int, rank: int):
         self.size, self.rank = size, rank
-        self.store = torch.distributed.TCPStore(addr, port, world_size=size, is_master=rank == 0,
-                                                timeout=datetime.timedelta(seconds=START_TIMEOUT_S),
-                                                wait_for_workers=False)
+        # Under torchrun its agent on node 0 already hosts a store at MASTER_PORT: every rank is a client there
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = torch.distributed.TCPStore(addr, port, world_size=size, is_master=rank == 0 and not agent_store,
+                                           timeout=datetime.timedelta(seconds=START_TIMEOUT_S),
+                                           wait_for_workers=False)
+        self.store = torch.distributed.PrefixStore("exaserve", store)
 
     def report(self, error: str | None = None) -> None:
         """This rank has loaded its shard (error=None) or failed to (the message)."""

@@ -213,6 +213,7 @@ def serve(argv: list[str]) -> int:
     args = _serve_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _raise_open_file_limit()
+    _nodes_from_torchrun(args)
     if args.node_rank != 0:
         return _serve_node(args)
     import uvicorn
@@ -272,6 +273,18 @@ def serve(argv: list[str]) -> int:
         engine.shutdown()
         sock.close()
     return 1 if failed else 0
+
+
+def _nodes_from_torchrun(args) -> None:
+    """Under torchrun (one process per node: --nproc-per-node 1), the nodes come from its environment, unless
+    the flags set them."""
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" not in env or args.nnodes != 1:
+        return
+    if env.get("LOCAL_WORLD_SIZE", "1") != "1":
+        sys.exit("exaserve: run it under torchrun with --nproc-per-node 1; it starts the ranks of its node itself")
+    args.nnodes, args.node_rank = int(env["WORLD_SIZE"]), int(env.get("GROUP_RANK", env["RANK"]))
+    args.master_addr, args.master_port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
 
 
 def _serve_node(args) -> int:

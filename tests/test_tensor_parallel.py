@@ -296,3 +296,55 @@ def test_a_hung_worker_fails_the_request_after_the_collective_timeout(checkpoint
     finally:
         engine.shutdown()
     assert not _alive(worker)
+
+
+def test_two_nodes_under_torchrun(checkpoint):
+    """`torchrun --nproc-per-node 1 -m exaserve serve ...` on each of two "nodes": the nodes come from torchrun's
+    environment, the ranks meet at its agent's store; node 0 serves the one-rank text; both end on SIGTERM."""
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import httpx
+
+    path, _ = checkpoint
+    torchrun = shutil.which("torchrun") or str(__import__("pathlib").Path(sys.executable).with_name("torchrun"))
+
+    def port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    master, http = port(), port()
+    prompt = _prompts(1, 98, seed=9)[0]
+    expected = _run(path, [prompt])[0].text
+    nodes = [subprocess.Popen([torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(k),
+                               "--master-addr", "127.0.0.1", "--master-port", str(master), "-m", "exaserve", "serve",
+                               "--model", str(path), "--dtype", "float32", "-tp", "4", "--port", str(http)],
+                              cwd=tempfile.gettempdir(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for k in (1, 0)]
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert all(n.poll() is None for n in nodes), nodes[1].stderr.read()[-3000:]
+            assert time.monotonic() < deadline
+            try:
+                if httpx.get(f"http://127.0.0.1:{http}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        r = httpx.post(f"http://127.0.0.1:{http}/v1/completions", json={
+            "prompt": prompt, "max_tokens": GEN, "temperature": 0, "ignore_eos": True}, timeout=60)
+        assert r.json()["choices"][0]["text"] == expected
+        nodes[1].send_signal(signal.SIGTERM)
+        for n in nodes:
+            n.wait(timeout=60)
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                n.kill()
+                n.wait()
