@@ -108,7 +108,11 @@ class ModelRunner:
             out = self.cpu_model.rows_step(input_ids, positions, meta, self.kv, rows, greedy, before_forward)
             if greedy:
                 for s, tok in zip(plain, out.tolist()):
-                    result.tokens[s], result.logprobs[s] = [tok], [None]
+                    if tok < 0:     # the C++ step found its hidden state NaN or infinite: no token to emit
+                        log.error("request %s: the model's hidden state is not finite", batch.requests[s].request_id)
+                        result.errors[s] = "sampling failed: the model's output is not finite (NaN or inf)"
+                    else:
+                        result.tokens[s], result.logprobs[s] = [tok], [None]
             else:
                 self._sample(result, batch, plain, out, sample_rows)
             return result

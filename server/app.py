@@ -479,7 +479,10 @@ class OpenAIServer:
             params += self.sampling_params(body, len(ids))
         gen = await self.start(request_id, engine_prompts, params)
         # Choice k answers prompt k // n; echo puts the prompt text in front of its output.
-        echoes = [self.tokenizer.decode(ids, body.skip_special_tokens) if body.echo else "" for ids in engine_prompts]
+        echoes = [""] * len(engine_prompts)
+        if body.echo:   # decoding long prompts takes a while: off the event loop, as their encoding is
+            echoes = await asyncio.to_thread(
+                lambda: [self.tokenizer.decode(ids, body.skip_special_tokens) for ids in engine_prompts])
         meta = (request_id, self.model_name, p.now())
         prompt_tokens = sum(map(len, prompts))
         if body.stream:
@@ -545,7 +548,8 @@ class OpenAIServer:
         bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
         if bad is not None:
             raise ApiError(400, f"token id {bad} is outside the vocabulary [0, {vocab})", "tokens")
-        return _json({"prompt": self.tokenizer.decode(body.tokens, skip_special_tokens=False)})
+        text = await asyncio.to_thread(self.tokenizer.decode, body.tokens, False)   # off the event loop
+        return _json({"prompt": text})
 
     def _model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "exaserve",

@@ -160,3 +160,28 @@ def test_a_fault_of_the_whole_batch_raises_and_the_engine_recovers(model_dir):
         setattr(owner, name, run)
     _assert_all_returned(core)          # generate aborted what it had added
     assert [o.outputs for o in llm.generate(PROMPTS, params)] == [o.outputs for o in expected]
+
+
+def test_a_non_finite_hidden_state_on_the_cpp_greedy_path_fails_only_its_request(model_dir):
+    """A plain greedy batch takes its tokens straight from the C++ step (no logits reach the sampler): a row
+    whose hidden state is NaN gets no token (-1 from C++) and its request fails; the others keep theirs."""
+    llm = LLM(model_dir, dtype="float32", max_num_seqs=8)
+    core = llm.engine
+    if core.runner.cpu_model is None:
+        pytest.skip("the C++ CPU kernels are not available here")
+    params = SamplingParams(max_tokens=8, **GREEDY)
+    good = [(f"g{i}", p, params) for i, p in enumerate(PROMPTS[:3])]
+    reference = _run(core, good)
+    poisoned = 40                                    # a token only the bad prompt holds
+    assert all(poisoned not in p for p in PROMPTS[:3])
+    row = core.model.embed.data[poisoned].clone()
+    core.model.embed.data[poisoned] = float("nan")
+    try:
+        out = _run(core, [good[0], ("bad", [41, poisoned, 42], params), *good[1:]])
+    finally:
+        core.model.embed.data[poisoned] = row
+    for rid, (tokens, _) in reference.items():
+        assert out[rid][0] == tokens and out[rid][1].error is None
+    tokens, delta = out["bad"]
+    assert tokens == [] and delta.finish_reason == "error" and "not finite" in delta.error
+    _assert_all_returned(core)

@@ -121,15 +121,21 @@ torch::Tensor embed_rows(const torch::Tensor& table, const torch::Tensor& ids_) 
 
 // One whole step on the C++ path: embedding, decoder layers, final norm and lm_head of the given rows, and
 // with `argmax` the argmax of each row. Returns the logits [R, V] fp32, or with `argmax` the tokens (int64
-// [R]); with no Python between these ops, a decode step at batch 1 runs ~0.3 ms less Python.
+// [R]; -1 for a row whose hidden state is not finite: it has no argmax, and the caller fails that request
+// instead of emitting a token); with no Python between these ops, a decode step at batch 1 runs ~0.3 ms less
+// Python.
 // `screen`: the lm_head's argmax screen (argmax_screen), or empty to compute every logit.
 torch::Tensor rows_step(const std::vector<const Layer*>& layers, torch::Tensor embed, torch::Tensor ids,
                         const StepInputs& in, torch::Tensor norm, double eps, torch::Tensor lm_head,
                         torch::Tensor rows, bool argmax, const std::vector<torch::Tensor>& screen) {
   auto x = forward_layers(layers, embed_rows(embed, ids), in);
   auto h = rms_norm(x.index_select(0, rows.to(at::kLong)), norm, eps);
-  if (argmax && screen.size() == 3) return screened_argmax(h, screen[0], screen[1], screen[2], lm_head);
-  return argmax ? argmax_rows(linear_op(h, lm_head)) : linear_op(h, lm_head);
+  if (!argmax) return linear_op(h, lm_head);
+  auto tokens = screen.size() == 3 ? screened_argmax(h, screen[0], screen[1], screen[2], lm_head)
+                                   : argmax_rows(linear_op(h, lm_head));
+  auto bad = h.isfinite().logical_not().any(1);  // [R, H]: a read of what was just written, ~1 us per row
+  if (bad.any().item<bool>()) tokens.masked_fill_(bad, -1);
+  return tokens;
 }
 
 }  // namespace
