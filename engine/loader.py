@@ -18,14 +18,15 @@ from pathlib import Path
 import torch
 
 from exaserve import kernels
+from exaserve.engine import quantization
 from exaserve.engine.config import ModelConfig
 from exaserve.engine.model import DecoderLayer, ExaoneMoeModel, MoE
 from exaserve.engine.parallel import SINGLE, Parallel
 from exaserve.kernels import Ops
 
-ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool}
+ST_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+             "U8": torch.uint8, "BOOL": torch.bool}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IGNORABLE = re.compile(r".*rotary_emb\.inv_freq$|.*\.rotary_emb\..*")
@@ -222,11 +223,16 @@ def load_model(path: str | Path, dtype="float32", device="cpu", cfg: ModelConfig
         model = ExaoneMoeModel(ops, cfg, dtype=dtype, with_mtp=with_mtp, act_dtype=act_dtype, par=par)
     targets, elsewhere = weight_targets(model)
     ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    try:
+        fp8 = quantization.read_format(json.loads((path / "config.json").read_text()))
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    scales = _fp8_scales(files, targets, fp8)   # weight name -> its scale's name, for the FP8 weights
 
     by_file: dict[SafetensorsFile, list[str]] = {}
     for name, st in files.items():
         if name not in targets:
-            if name in elsewhere or name in ignorable or IGNORABLE.match(name):
+            if name in elsewhere or name in ignorable or IGNORABLE.match(name) or name in scales.values():
                 continue
             raise CheckpointError(f"unexpected tensor {name!r} in {st.path.name}: it has no place in an exaone_moe "
                                   f"model with this config.json")
@@ -243,5 +249,50 @@ def load_model(path: str | Path, dtype="float32", device="cpu", cfg: ModelConfig
         with open(st.path, "rb") as f:
             for name in sorted(names, key=lambda n: st.entries[n]["data_offsets"][0]):
                 target = targets[name]
-                st.read_into(f, name, target.dst, target.dim, target.start)
+                if name in scales:
+                    _read_fp8(st, f, name, target, files[scales[name]], scales[name], fp8.block)
+                else:
+                    st.read_into(f, name, target.dst, target.dim, target.start)
     return model
+
+
+def _fp8_scales(files: dict[str, SafetensorsFile], targets: dict[str, Target],
+                fp8: "quantization.Fp8Format | None") -> dict[str, str]:
+    """FP8 weight name -> its scale tensor's name; clear errors for an FP8 tensor without a format, on the ignore
+    list, or with a missing or misshapen scale."""
+    scales = {}
+    for name, st in files.items():
+        if st.entries[name]["dtype"] != quantization.FP8_DTYPE:
+            continue
+        module = name.removesuffix(".weight")
+        if fp8 is None:
+            raise CheckpointError(f"tensor {name!r} is FP8 but config.json has no quantization_config")
+        if name == module or name not in targets or len(st.shape(name)) != 2:
+            raise CheckpointError(f"tensor {name!r} is FP8, which exaserve reads only for linear weights")
+        if fp8.ignored(module):
+            raise CheckpointError(f"tensor {name!r} is FP8 but its module is on the quantization ignore list")
+        scale = f"{module}.{fp8.scale_suffix}"
+        if scale not in files:
+            raise CheckpointError(f"FP8 tensor {name!r} has no scale {scale!r} in the checkpoint")
+        want = quantization.scale_shape(st.shape(name), fp8.block)
+        if files[scale].shape(scale) != want or files[scale].entries[scale]["dtype"] not in ("F32", "BF16", "F16"):
+            raise CheckpointError(f"scale {scale!r} has shape {list(files[scale].shape(scale))} and dtype "
+                                  f"{files[scale].entries[scale]['dtype']}; the {list(st.shape(name))} FP8 weight "
+                                  f"in {list(fp8.block)} blocks needs {list(want)}, floating point")
+        scales[name] = scale
+    return scales
+
+
+def _read_fp8(st: SafetensorsFile, f, name: str, target: Target, scale_file: SafetensorsFile, scale_name: str,
+              block: tuple[int, int]) -> None:
+    """This rank's slice of an FP8 weight, dequantized with its block scales into the target's dtype."""
+    values = torch.empty(target.dst.shape, dtype=torch.float32)
+    st.read_into(f, name, values, target.dim, target.start)            # e4m3 -> fp32 is exact
+    scale = torch.empty(scale_file.shape(scale_name), dtype=torch.float32)
+    with open(scale_file.path, "rb") as sf:
+        scale_file.read_into(sf, scale_name, scale)
+    if not torch.isfinite(scale).all():
+        raise CheckpointError(f"scale {scale_name!r} holds values that are not finite")
+    row0 = target.start if target.dim == 0 else 0
+    col0 = target.start if target.dim == 1 else 0
+    target.dst.copy_(quantization.dequantize_(values, scale, block, row0, col0))

@@ -135,3 +135,54 @@ def make_chain_checkpoint(path: str | Path, *, vocab: int = 64, agree: float = 1
     tensors["mtp.fc.weight"] = fc
     save_file(tensors, path / "model.safetensors")
     return path, successor
+
+
+# Formats of quantize_fp8: config.json's quantization_config and the scale tensors' suffix. The ignore lists name
+# what the released FP8 checkpoint leaves unquantized (router, lm_head, embeddings, MTP block).
+FP8_FORMATS = {
+    "compressed-tensors": ("weight_scale", lambda block: {
+        "quant_method": "compressed-tensors", "format": "float-quantized",
+        "config_groups": {"group_0": {"targets": ["Linear"],
+                                      "weights": {"type": "float", "num_bits": 8, "strategy": "block",
+                                                  "block_structure": list(block)},
+                                      "input_activations": {"type": "float", "num_bits": 8, "strategy": "group",
+                                                            "group_size": 128, "dynamic": True}}},
+        "ignore": ["lm_head", "model.embed_tokens", r"re:.*mlp\.gate$", r"re:mtp\..*"]}),
+    "fp8": ("weight_scale_inv", lambda block: {
+        "quant_method": "fp8", "weight_block_size": list(block), "activation_scheme": "dynamic",
+        "modules_to_not_convert": ["lm_head", "embed_tokens", "mtp."]}),
+}
+FP8_MAX = 448.0   # the largest float8 e4m3 value
+
+
+def quantize_fp8(src: str | Path, dst: str | Path, dequantized: str | Path, *, fmt: str = "compressed-tensors",
+                 block: tuple[int, int] = (128, 128)) -> None:
+    """Write `dst`, the checkpoint at `src` with every linear weight (2-D `*_proj.weight`, mtp excepted) quantized
+    to float8 e4m3 with one fp32 scale per `block` (edges partial), in `fmt`; and `dequantized`, the same
+    checkpoint with those weights dequantized to fp32 (what an FP8 checkpoint must compute like)."""
+    import shutil
+    src, dst, deq = Path(src), Path(dst), Path(dequantized)
+    suffix, qconfig = FP8_FORMATS[fmt]
+    tensors = load_file(src / "model.safetensors")
+    quantized, plain = {}, {}
+    for name, w in tensors.items():
+        if w.dim() == 2 and name.endswith("_proj.weight") and not name.startswith("mtp."):
+            rows, cols = -(-w.shape[0] // block[0]), -(-w.shape[1] // block[1])
+            padded = torch.zeros(rows * block[0], cols * block[1])
+            padded[:w.shape[0], :w.shape[1]] = w.float()
+            blocks = padded.view(rows, block[0], cols, block[1])
+            scale = (blocks.abs().amax(dim=(1, 3)) / FP8_MAX).clamp_min(1e-12)
+            wide = scale.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:w.shape[0], :w.shape[1]]
+            q = (w.float() / wide).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            quantized[name], quantized[name.removesuffix("weight") + suffix] = q, scale
+            plain[name] = q.float() * wide
+        else:
+            quantized[name] = plain[name] = w
+    for out, state, extra in ((dst, quantized, {"quantization_config": qconfig(block)}), (deq, plain, {})):
+        out.mkdir(parents=True, exist_ok=True)
+        for f in src.iterdir():
+            if f.is_file() and f.name not in ("model.safetensors", "config.json"):
+                shutil.copy(f, out / f.name)
+        cfg = json.loads((src / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps({**cfg, **extra}))
+        save_file(state, out / "model.safetensors")
