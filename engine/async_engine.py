@@ -98,7 +98,8 @@ class AsyncEngine:
                 "load_seconds": core.load_seconds, "num_blocks": kv.paged.num_blocks,
                 "block_size": kv.paged.block_size, "paged_bytes": kv.paged.nbytes, "ring_slots": kv.ring.num_slots,
                 "ring_len": kv.ring.ring_len, "ring_bytes": kv.ring.nbytes, "max_model_len": core.max_model_len,
-                "num_speculative_tokens": core.num_speculative_tokens}
+                "num_speculative_tokens": core.num_speculative_tokens,
+                "tensor_parallel_size": core.par.size, "expert_parallel": core.par.expert_parallel}
 
     async def add_request(self, request_id: str, prompt_token_ids: list[int],
                           params: SamplingParams) -> AsyncIterator[DeltaOutput]:

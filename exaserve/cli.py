@@ -134,8 +134,10 @@ def builtin_tiny_checkpoint() -> Path:
 
 def _describe_pools(info: dict) -> str:
     mib = 1 << 20
-    spec = info["num_speculative_tokens"]
-    return (f"KV pools: {info['num_blocks']} blocks x {info['block_size']} tokens for global layers "
+    spec, tp = info["num_speculative_tokens"], info["tensor_parallel_size"]
+    ranks = (f"tensor parallel {tp}{' with expert parallel' if info['expert_parallel'] else ''}; per rank: "
+             if tp > 1 else "")
+    return (f"{ranks}KV pools: {info['num_blocks']} blocks x {info['block_size']} tokens for global layers "
             f"({info['paged_bytes'] / mib:.1f} MiB), {info['ring_slots']} ring slots x {info['ring_len']} tokens "
             f"for sliding layers ({info['ring_bytes'] / mib:.1f} MiB); max_model_len {info['max_model_len']}"
             + (f"; MTP speculative decoding with {spec} draft tokens" if spec else ""))
@@ -254,9 +256,9 @@ def serve(argv: list[str]) -> int:
         sys.exit(f"exaserve: cannot serve {model}: {exc}")
     info = engine.describe()
     threads = f", {info['threads']} threads" if info["threads"] else ""
-    log.info("Loaded %s in %.1f s on %s: %s weights (%.1f MiB), %s activations and KV cache, %s kernels%s", model,
+    log.info("Loaded %s in %.1f s on %s: %s weights (%.1f MiB%s), %s activations and KV cache, %s kernels%s", model,
              info["load_seconds"], info["device"], info["weight_dtype"], info["weight_bytes"] / (1 << 20),
-             info["dtype"], info["kernels"], threads)
+             " on rank 0" if info["tensor_parallel_size"] > 1 else "", info["dtype"], info["kernels"], threads)
     log.info(_describe_pools(info))
     app = build_app(engine, served_model_name=name, api_key=api_key, chat_template=chat_template,
                     max_queue=args.max_queue, max_request_bytes=args.max_request_size, max_n=args.max_n)

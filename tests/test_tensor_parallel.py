@@ -144,6 +144,7 @@ def test_server_streams_with_tp2_and_fails_fast_when_a_worker_dies(checkpoint, l
             chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
         assert "".join(choice["text"] for c in chunks for choice in c["choices"]) == expected.text
         assert chunks[-1]["usage"]["completion_tokens"] == GEN
+        assert "MiB on rank 0" in server.log() and "tensor parallel 2; per rank: KV pools" in server.log()
         workers = _children(server.proc.pid)
         assert len(workers) == 1
         os.kill(workers[0], signal.SIGKILL)
