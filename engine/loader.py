@@ -97,8 +97,8 @@ class SafetensorsFile:
             row_bytes = torch.Size(shape[1:]).numel() * dtype.itemsize
             if dim == 0:  # a row range is contiguous on disk
                 begin, end = begin + start * row_bytes, begin + (start + dst.shape[0]) * row_bytes
-            elif dim == 1 and len(shape) == 2:
-                return self._read_columns(f, name, dtype, begin, row_bytes, dst, start)
+            elif 0 < dim < len(shape) and dst.shape[0] == shape[0]:
+                return self._read_inner(f, name, dtype, begin, row_bytes, shape, dst, dim, start)
             else:
                 raise CheckpointError(f"tensor {name!r}: cannot slice dimension {dim} of shape {shape}")
         direct = dst.dtype == dtype and dst.device.type == "cpu" and dst.is_contiguous()
@@ -111,17 +111,18 @@ class SafetensorsFile:
         if not direct:
             dst.copy_(buf)
 
-    def _read_columns(self, f, name, dtype, begin, row_bytes, dst, start) -> None:
-        rows, width = dst.shape[0], dst.shape[1]
+    def _read_inner(self, f, name, dtype, begin, row_bytes, shape, dst, dim, start) -> None:
+        """A slice along dimension dim >= 1: the tensor is read a few dim-0 rows at a time, each narrowed."""
+        rows = dst.shape[0]
         step = max(1, COLUMN_CHUNK_BYTES // row_bytes)
-        buf = torch.empty(min(step, rows), row_bytes // dtype.itemsize, dtype=dtype)
+        buf = torch.empty(min(step, rows), *shape[1:], dtype=dtype)
         f.seek(self.data_start + begin)
         for r in range(0, rows, step):
             part = buf[:min(step, rows - r)]
             n = part.numel() * dtype.itemsize
             if f.readinto(memoryview(part.view(-1).view(torch.uint8).numpy())) != n:
                 raise CheckpointError(f"tensor {name!r} is truncated in {self.path.name}")
-            dst[r:r + part.shape[0]].copy_(part[:, start:start + width])
+            dst[r:r + part.shape[0]].copy_(part.narrow(dim, start, dst.shape[dim]))
 
 
 def checkpoint_files(path: Path) -> dict[str, SafetensorsFile]:
@@ -138,9 +139,11 @@ def checkpoint_files(path: Path) -> dict[str, SafetensorsFile]:
     return {name: st for name in st.entries}
 
 
-def _layer_targets(prefix: str, layer: DecoderLayer, cfg: ModelConfig, par: Parallel,
-                   elsewhere: set[str]) -> dict[str, Target]:
-    """On-disk name -> where it goes; names that belong to other ranks (expert parallel) go to `elsewhere`."""
+def _layer_targets(prefix: str, layer: DecoderLayer, cfg: ModelConfig, par: Parallel, elsewhere: set[str],
+                   stored: set[str]) -> dict[str, Target | list[Target]]:
+    """On-disk name -> where it goes (a list where one stored tensor fills several places); names that belong
+    to other ranks (expert parallel) go to `elsewhere`. `stored`: the checkpoint's names, which say whether the
+    experts are stored one by one or stacked."""
     a, d = layer.attn, cfg.head_dim
     nq, nkv = a.nq * d, a.nkv * d                    # this rank's rows of q and of k (and of v)
     t = {
@@ -161,6 +164,18 @@ def _layer_targets(prefix: str, layer: DecoderLayer, cfg: ModelConfig, par: Para
         t[f"{prefix}.mlp.e_score_correction_bias"] = Target(mlp.bias.data)
         full, width = cfg.moe_intermediate_size, mlp.w2.shape[2]
         start = 0 if width == full else par.rank * width
+        stacked = f"{prefix}.mlp.experts.gate_up_proj"
+        if stacked in stored:   # re-saved checkpoints: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]
+            if mlp.num_local_experts != cfg.num_experts:    # expert parallel: this rank's experts, whole
+                first = mlp.first_expert
+                t[stacked] = Target(mlp.w13.data, 0, first, cfg.num_experts)
+                t[f"{prefix}.mlp.experts.down_proj"] = Target(mlp.w2.data, 0, first, cfg.num_experts)
+            else:
+                t[stacked] = [Target(mlp.w13.data[:, :width], 1, start, 2 * full),
+                              Target(mlp.w13.data[:, width:], 1, full + start, 2 * full)]
+                t[f"{prefix}.mlp.experts.down_proj"] = _sliced(mlp.w2.data, 2, start, full)
+            t.update(_mlp_targets(f"{prefix}.mlp.shared_experts", mlp.shared, par) if mlp.shared is not None else {})
+            return t
         for e in range(cfg.num_experts):
             name = f"{prefix}.mlp.experts.{e}"
             local = e - mlp.first_expert
@@ -185,8 +200,9 @@ def _mlp_targets(prefix, mlp, par: Parallel) -> dict[str, Target]:
             f"{prefix}.down_proj.weight": _sliced(mlp.down.data, 1, start, full)}
 
 
-def weight_targets(model: ExaoneMoeModel) -> tuple[dict[str, Target], set[str]]:
-    """(on-disk name -> where it goes on this rank, names that other ranks load)."""
+def weight_targets(model: ExaoneMoeModel, stored: set[str] = frozenset()) -> tuple[dict, set[str]]:
+    """(on-disk name -> where it goes on this rank (a Target, or a list of them), names that other ranks load);
+    `stored`: the checkpoint's tensor names (its expert layout)."""
     cfg, par = model.cfg, model.par
     start = model.vocab_start
     rows = max(0, min(model.embed.shape[0], cfg.vocab_size - start))   # the last rank's shard may be padded
@@ -199,13 +215,13 @@ def weight_targets(model: ExaoneMoeModel) -> tuple[dict[str, Target], set[str]]:
     if not cfg.tie_word_embeddings:
         t["lm_head.weight"] = vocab(model.lm_head)
     for i, layer in enumerate(model.layers):
-        t.update(_layer_targets(f"model.layers.{i}", layer, cfg, par, elsewhere))
+        t.update(_layer_targets(f"model.layers.{i}", layer, cfg, par, elsewhere, stored))
     if model.mtp is not None:
         m = model.mtp
         t.update({"mtp.pre_fc_norm_embedding.weight": Target(m.norm_embedding.data),
                   "mtp.pre_fc_norm_hidden.weight": Target(m.norm_hidden.data),
                   "mtp.fc.weight": Target(m.fc.data), "mtp.norm.weight": Target(m.norm.data)})
-        t.update(_layer_targets("mtp.layers.0", m.layer, cfg, par, elsewhere))
+        t.update(_layer_targets("mtp.layers.0", m.layer, cfg, par, elsewhere, stored))
     return t, elsewhere
 
 
@@ -221,7 +237,7 @@ def load_model(path: str | Path, dtype="float32", device="cpu", cfg: ModelConfig
     with_mtp = any(name.startswith("mtp.") for name in files)
     with torch.device(device):
         model = ExaoneMoeModel(ops, cfg, dtype=dtype, with_mtp=with_mtp, act_dtype=act_dtype, par=par)
-    targets, elsewhere = weight_targets(model)
+    targets, elsewhere = weight_targets(model, set(files))
     ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     try:
         fp8 = quantization.read_format(json.loads((path / "config.json").read_text()))
@@ -236,9 +252,10 @@ def load_model(path: str | Path, dtype="float32", device="cpu", cfg: ModelConfig
                 continue
             raise CheckpointError(f"unexpected tensor {name!r} in {st.path.name}: it has no place in an exaone_moe "
                                   f"model with this config.json")
-        if st.shape(name) != targets[name].disk_shape:
+        want = _each(targets[name])[0].disk_shape
+        if st.shape(name) != want:
             raise CheckpointError(f"tensor {name!r} has shape {list(st.shape(name))} but the config needs "
-                                  f"{list(targets[name].disk_shape)}")
+                                  f"{list(want)}")
         by_file.setdefault(st, []).append(name)
     missing = sorted(set(targets) - set(files))
     if missing:
@@ -248,12 +265,16 @@ def load_model(path: str | Path, dtype="float32", device="cpu", cfg: ModelConfig
     for st, names in by_file.items():
         with open(st.path, "rb") as f:
             for name in sorted(names, key=lambda n: st.entries[n]["data_offsets"][0]):
-                target = targets[name]
-                if name in scales:
-                    _read_fp8(st, f, name, target, files[scales[name]], scales[name], fp8.block)
-                else:
-                    st.read_into(f, name, target.dst, target.dim, target.start)
+                for target in _each(targets[name]):
+                    if name in scales:
+                        _read_fp8(st, f, name, target, files[scales[name]], scales[name], fp8.block)
+                    else:
+                        st.read_into(f, name, target.dst, target.dim, target.start)
     return model
+
+
+def _each(target: Target | list[Target]) -> list[Target]:
+    return target if isinstance(target, list) else [target]
 
 
 def _fp8_scales(files: dict[str, SafetensorsFile], targets: dict[str, Target],

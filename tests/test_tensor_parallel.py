@@ -349,3 +349,33 @@ def test_two_nodes_under_torchrun(checkpoint):
             if n.poll() is None:
                 n.kill()
                 n.wait()
+
+
+def test_stacked_experts_load_like_per_expert_ones(checkpoint, tmp_path):
+    """Re-saved checkpoints store experts stacked (mlp.experts.gate_up_proj [E, 2I, H], gate rows first, and
+    down_proj [E, H, I]): the same weights as the per-expert form, on one rank, split (tp=2) or by expert (EP)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path, _ = checkpoint
+    stacked = tmp_path / "stacked"
+    shutil.copytree(path, stacked)
+    tensors = load_file(stacked / "model.safetensors")
+    cfg = ModelConfig.from_pretrained(path)
+    layers = {n.split(".mlp.experts.")[0] for n in tensors if ".mlp.experts." in n}
+    for layer in layers:
+        def take(e, w, layer=layer):
+            return tensors.pop(f"{layer}.mlp.experts.{e}.{w}_proj.weight")
+        experts = range(cfg.num_experts)
+        gate_up = [torch.cat([take(e, "gate"), take(e, "up")]) for e in experts]
+        tensors[f"{layer}.mlp.experts.gate_up_proj"] = torch.stack(gate_up)
+        tensors[f"{layer}.mlp.experts.down_proj"] = torch.stack([take(e, "down") for e in experts])
+    save_file(tensors, stacked / "model.safetensors")
+    for size, ep in ((1, False), (2, False), (2, True)):
+        a, b = (load_model(p, torch.float32, "cpu", cfg, par=Parallel(size - 1, size, ep)) for p in (path, stacked))
+        for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
+            assert torch.equal(x, y), (size, ep, name)
+    prompts = _prompts(2, 98, seed=13)
+    assert [o.token_ids for o in _run(stacked, prompts, tensor_parallel_size=2)] == \
+        [o.token_ids for o in _run(path, prompts)]
