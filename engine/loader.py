@@ -11,6 +11,7 @@ file, a column range through a buffer of a few rows at a time, so no rank ever h
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from exaserve.engine.model import DecoderLayer, ExaoneMoeModel, MoE
 from exaserve.engine.parallel import SINGLE, Parallel
 from exaserve.kernels import Ops
 
+log = logging.getLogger("exaserve.engine")
 ST_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
              "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
              "U8": torch.uint8, "BOOL": torch.bool}
@@ -244,6 +246,11 @@ def load_model(path: str | Path, dtype="float32", device="cpu", cfg: ModelConfig
     except ValueError as exc:
         raise CheckpointError(str(exc)) from None
     scales = _fp8_scales(files, targets, fp8)   # weight name -> its scale's name, for the FP8 weights
+    if scales:
+        stored = sum(torch.Size(files[n].shape(n)).numel() for n in scales)
+        log.info("FP8 checkpoint (%s, %dx%d blocks): %d weights, %.1f MiB as FP8, dequantized to %s as they are "
+                 "read (FP8 kernels that keep them at one byte per weight are not written yet)", fp8.method,
+                 *fp8.block, len(scales), stored / (1 << 20), str(dtype).removeprefix("torch."))
 
     by_file: dict[SafetensorsFile, list[str]] = {}
     for name, st in files.items():

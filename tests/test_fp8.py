@@ -58,9 +58,11 @@ def test_the_checkpoint_is_quantized_as_published(pair):
         assert tensors[n].dtype == torch.float32
 
 
-def test_fp8_equals_its_dequantized_weights_and_transformers(pair):
+def test_fp8_equals_its_dequantized_weights_and_transformers(pair, caplog):
     fp8, deq = pair
-    a, b = (load_model(p, torch.float32) for p in (fp8, deq))
+    with caplog.at_level("INFO", logger="exaserve.engine"):
+        a, b = (load_model(p, torch.float32) for p in (fp8, deq))
+    assert "FP8 checkpoint" in caplog.text and "dequantized to float32" in caplog.text
     for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(x, y), name
     prompts = _prompts(5, seed=2)
