@@ -69,20 +69,27 @@ class Rendezvous:
                                            wait_for_workers=False)
         self.store = torch.distributed.PrefixStore("exaserve", store)
 
-    def report(self, error: str | None = None) -> None:
-        """This rank has loaded its shard (error=None) or failed to (the message)."""
-        self.store.set(f"loaded/{self.rank}", "ok" if error is None else f"error: {error}")
+    def report(self, error: str | None = None, kv_budget: int | None = None) -> None:
+        """This rank has loaded its shard (error=None; kv_budget: the KV bytes its device has room for) or failed
+        to (the message)."""
+        status = f"ok {json.dumps(kv_budget)}" if error is None else f"error: {error}"
+        self.store.set(f"loaded/{self.rank}", status)
 
-    def wait_loaded(self, local: "Workers | None") -> None:
-        """Rank 0: until every rank has reported; RuntimeError naming the first that failed or died."""
+    def wait_loaded(self, local: "Workers | None") -> list[int]:
+        """Rank 0: until every rank has reported; the KV budgets they reported (the smallest bounds every rank's
+        pools); RuntimeError naming the first rank that failed or died."""
         deadline = time.monotonic() + START_TIMEOUT_S
         pending = set(range(1, self.size))
+        budgets = []
         while pending:
             for rank in sorted(pending):
                 if self.store.check([f"loaded/{rank}"]):
                     status = self.store.get(f"loaded/{rank}").decode()
-                    if status != "ok":
+                    if not status.startswith("ok "):
                         raise RuntimeError(f"rank {rank}: {status.removeprefix('error: ')}")
+                    budget = json.loads(status[3:])
+                    if budget is not None:
+                        budgets.append(budget)
                     pending.discard(rank)
             if local is not None and local.any_dead():
                 dead = local.first_dead()
@@ -90,7 +97,9 @@ class Rendezvous:
                     raise RuntimeError(f"rank {dead} exited while loading ({local.describe_dead()})")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"ranks {sorted(pending)} did not load within {START_TIMEOUT_S:.0f} s")
-            time.sleep(0.05)
+            if pending:
+                time.sleep(0.05)
+        return budgets
 
     def go(self, kv_cache_memory: int | None) -> None:
         """Rank 0: start (with the KV budget every rank sizes its pools from), or kv_cache_memory=None: stop."""

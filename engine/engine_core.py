@@ -82,6 +82,15 @@ class _Plan:
             pack_weights(model)   # ranks run layer by layer on the cpu ops (CpuModel's one call cannot all-reduce)
         return model
 
+    def default_kv_memory(self, c: EngineConfig) -> int:
+        """KV bytes when kv_cache_memory is not given. On a GPU, vLLM's rule: this process may use
+        gpu_memory_utilization of the device; the weights (loaded by now) and what others use come out of it, and
+        the rest goes to the KV pools. On a CPU, 2 GiB."""
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            return max(0, int(free - total * (1 - c.gpu_memory_utilization)))
+        return 2 * GiB
+
     def kv_cache(self, c: EngineConfig, kv_cache_memory: int, par: Parallel) -> KVCache:
         return KVCache.create(self.cfg, kv_cache_memory=kv_cache_memory, max_num_seqs=c.max_num_seqs,
                               max_model_len=self.max_model_len, block_size=c.block_size,
@@ -104,7 +113,8 @@ def _worker_main(rank: int, config: EngineConfig, env: envs.Env) -> None:
     except BaseException as e:  # reported on rank 0, which raises it with this rank's number
         rendezvous.report(f"{type(e).__name__}: {e}")
         return
-    rendezvous.report()
+    # its own room for KV (GPUs may differ in what is free): rank 0 sizes every rank's pools by the smallest
+    rendezvous.report(kv_budget=plan.default_kv_memory(config) if config.kv_cache_memory is None else None)
     kv_cache_memory = rendezvous.wait_go()
     if kv_cache_memory is None:     # rank 0 failed to start
         return
@@ -150,8 +160,7 @@ class EngineCore:
         t0 = time.monotonic()
         try:
             self.model = plan.load(c, self.par)
-            if self._rendezvous is not None:
-                self._rendezvous.wait_loaded(self._workers)
+            budgets = self._rendezvous.wait_loaded(self._workers) if self._rendezvous is not None else []
         except BaseException:
             if self._rendezvous is not None:
                 self._rendezvous.go(None)          # the other ranks stop instead of waiting
@@ -161,7 +170,12 @@ class EngineCore:
         # the one-call C++ layer stack cannot all-reduce inside a layer: ranks run layer by layer on the cpu ops
         cpu_model = CpuModel(self.model, env.argmax_screen) if self.ops.name == "cpu" and size == 1 else None
         self.load_seconds = time.monotonic() - t0
-        kv_cache_memory = c.kv_cache_memory if c.kv_cache_memory is not None else self._default_kv_memory()
+        kv_cache_memory = c.kv_cache_memory
+        if kv_cache_memory is None:
+            kv_cache_memory = min([plan.default_kv_memory(c), *budgets])
+            if budgets:
+                log.info("KV budget per rank: %.1f MiB, the smallest any rank has room for",
+                         kv_cache_memory / (1 << 20))
         runner_model = self.model
         if self._rendezvous is not None:
             self._rendezvous.go(kv_cache_memory)
@@ -203,14 +217,6 @@ class EngineCore:
         if self._workers is not None:
             self._workers.close(timeout)
             self._workers = None
-
-    def _default_kv_memory(self) -> int:
-        if self.device.type == "cuda":
-            # vLLM's rule: this process may use gpu_memory_utilization of the device; the weights (loaded by
-            # now) and what others use come out of it, and the rest goes to the KV pools
-            free, total = torch.cuda.mem_get_info(self.device)
-            return max(0, int(free - total * (1 - self.config.gpu_memory_utilization)))
-        return 2 * GiB
 
     @property
     def generation_defaults(self) -> dict:

@@ -379,3 +379,15 @@ def test_stacked_experts_load_like_per_expert_ones(checkpoint, tmp_path):
     prompts = _prompts(2, 98, seed=13)
     assert [o.token_ids for o in _run(stacked, prompts, tensor_parallel_size=2)] == \
         [o.token_ids for o in _run(path, prompts)]
+
+
+def test_every_rank_reports_its_kv_room_and_rank_0_gets_them():
+    """GPUs of one machine may differ in free memory: each rank reports the KV bytes it has room for, and rank 0
+    sizes every rank's pools by the smallest (its own included)."""
+    from exaserve.engine import distributed
+    port = distributed.free_port()
+    rank0 = distributed.Rendezvous("127.0.0.1", port, 4, 0)
+    distributed.Rendezvous("127.0.0.1", port, 4, 1).report(kv_budget=5 << 30)
+    distributed.Rendezvous("127.0.0.1", port, 4, 2).report(kv_budget=3 << 30)
+    distributed.Rendezvous("127.0.0.1", port, 4, 3).report()       # kv_cache_memory given: nothing to report
+    assert sorted(rank0.wait_loaded(None)) == [3 << 30, 5 << 30]
