@@ -74,13 +74,6 @@ def prompt_ends_in_reasoning(prompt: str, start: str = "<think>", end: str = "</
     return prompt.rfind(start) > prompt.rfind(end)
 
 
-def encode_text(tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
-    """`tokenizer.encode(text, add_special_tokens)`, but without holding the GIL while the Rust tokenizer runs
-    (its encode holds it, encode_batch does not): a long prompt encoded in a worker thread leaves the server's
-    event loop free (measured on 2 MB of text, 3.4 s to encode: encode_batch holds the GIL for 60 ms of it)."""
-    return _guard(tokenizer).backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
-
-
 def encode_chat(tokenizer, template: str, messages: list[dict], *, tools: list[dict] | None = None,
                 add_generation_prompt: bool = True, template_kwargs: dict | None = None) -> tuple[str, list[int]]:
     """Render the conversation (bos/eos from the tokenizer) and encode it: (prompt text, token ids).
@@ -105,7 +98,7 @@ def encode_chat(tokenizer, template: str, messages: list[dict], *, tools: list[d
     masked, forged = guard.mask(client)
     if not forged:
         prompt = render(*client)
-        return prompt, encode_text(tokenizer, prompt)
+        return prompt, tokenizer.encode(prompt)
     rendered = render(*masked)
     return rendered.translate(guard.restore), guard.encode(rendered)
 
@@ -119,7 +112,7 @@ class _SpecialGuard:
     """One tokenizer's special-token strings, and how to encode a prompt in which the client's are placeholders."""
 
     def __init__(self, tokenizer):
-        # The wrapper offers neither offsets nor a GIL-free encode: this module uses the `tokenizers` object itself.
+        # The wrapper offers no offsets: this class uses the `tokenizers` object itself.
         self.backend: _Backend = tokenizer.backend
         self.special_ids = frozenset(tokenizer.special_ids)
         self.bos = tokenizer.id_to_token(tokenizer.bos_token_id) if tokenizer.bos_token_id is not None else ""

@@ -91,10 +91,9 @@ class Rendezvous:
                     if budget is not None:
                         budgets.append(budget)
                     pending.discard(rank)
-            if local is not None and local.any_dead():
-                dead = local.first_dead()
-                if dead in pending and not self.store.check([f"loaded/{dead}"]):
-                    raise RuntimeError(f"rank {dead} exited while loading ({local.describe_dead()})")
+            dead = local.first_dead() if local is not None else None
+            if dead in pending and not self.store.check([f"loaded/{dead}"]):
+                raise RuntimeError(f"rank {dead} exited while loading ({local.describe_dead()})")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"ranks {sorted(pending)} did not load within {START_TIMEOUT_S:.0f} s")
             if pending:
@@ -232,7 +231,7 @@ class Workers:
             raise
 
     def any_dead(self) -> bool:
-        return any(p.poll() is not None for p in self.procs)
+        return self.first_dead() is not None
 
     def first_dead(self) -> int | None:
         return next((r for r, p in zip(self.ranks, self.procs) if p.poll() is not None), None)

@@ -87,6 +87,17 @@ def _mtp_tensors(cfg: dict, tensors: dict, gen: torch.Generator, std: float = 0.
     return out
 
 
+def rewrite_checkpoint(src: str | Path, dst: str | Path, edit) -> Path:
+    """A copy of the single-file checkpoint `src` at `dst` whose tensors `edit(tensors)` changed in place."""
+    import shutil
+    dst = Path(dst)
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, dst / "model.safetensors")
+    return dst
+
+
 def add_random_mtp(path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     cfg = json.loads((path / "config.json").read_text())

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from exaserve import __version__
 from exaserve.engine import SamplingParams
-from exaserve.engine.chat_template import ChatTemplateError, encode_chat, encode_text, prompt_ends_in_reasoning
+from exaserve.engine.chat_template import ChatTemplateError, encode_chat, prompt_ends_in_reasoning
 from exaserve.engine.outputs import DeltaOutput
 from exaserve.server import protocol as p
 from exaserve.server.metrics import CONTENT_TYPE, Metrics
@@ -471,7 +471,7 @@ class OpenAIServer:
         request_id = request.state.request_id = p.new_request_id("cmpl")
         body: p.CompletionRequest = await self.parse(request, p.CompletionRequest)
         self.check_choices(body.n, len(body.prompts()))
-        prompts = await asyncio.to_thread(lambda: [encode_text(self.tokenizer, q, add_special_tokens=True)
+        prompts = await asyncio.to_thread(lambda: [self.tokenizer.encode(q, add_special_tokens=True)
                                                    if isinstance(q, str) else q for q in body.prompts()])
         engine_prompts, params = [], []
         for ids in prompts:
@@ -539,7 +539,7 @@ class OpenAIServer:
                 [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
                 body.add_generation_prompt, body.chat_template_kwargs)
         else:
-            ids = await asyncio.to_thread(encode_text, self.tokenizer, body.prompt, body.add_special_tokens)
+            ids = await asyncio.to_thread(self.tokenizer.encode, body.prompt, body.add_special_tokens)
         return _json({"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids})
 
     async def detokenize(self, request: Request) -> Response:

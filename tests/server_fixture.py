@@ -28,14 +28,18 @@ def _free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, model_dir, *args: str, api_key: str | None = None, env: dict | None = None):
+    def __init__(self, model_dir, *args: str, api_key: str | None = None, env: dict | None = None,
+                 code: str | None = None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
         self._log = tempfile.NamedTemporaryFile(prefix="exaserve-", suffix=".log", delete=False)
         self._final_log: str | None = None
         model = ("--model", str(model_dir)) if model_dir is not None else ()
-        command = [sys.executable, "-m", "exaserve.cli", "serve", *model, "--port", str(self.port), *args,
+        # code: Python run first in the server's interpreter (fault injection), then the CLI as -m would run it
+        start = ["-m", "exaserve.cli"] if code is None else \
+            ["-c", f"{code}\nimport sys; from exaserve.cli import main; sys.exit(main(sys.argv[1:]))"]
+        command = [sys.executable, *start, "serve", *model, "--port", str(self.port), *args,
                    *(("--api-key", api_key) if api_key else ())]
         env = {**{k: v for k, v in os.environ.items() if k != "EXASERVE_API_KEY"}, **(env or {})}
         self.proc = subprocess.Popen(command, cwd=tempfile.gettempdir(), env=env, stdout=self._log,
@@ -92,10 +96,12 @@ class LiveServer:
 
 
 @contextmanager
-def _live_server(model_dir, *args: str, api_key: str | None = None, env: dict | None = None):
+def _live_server(model_dir, *args: str, api_key: str | None = None, env: dict | None = None,
+                 code: str | None = None):
     """Start `python -m exaserve.cli serve` on a free 127.0.0.1 port; stop it by its PID afterwards.
-    model_dir None: no --model (the built-in tiny checkpoint); env: extra environment variables."""
-    server = LiveServer(model_dir, *args, api_key=api_key, env=env)
+    model_dir None: no --model (the built-in tiny checkpoint); env: extra environment variables; code: Python
+    the server's interpreter runs before the CLI."""
+    server = LiveServer(model_dir, *args, api_key=api_key, env=env, code=code)
     _running.append(server)
     try:
         server.wait_ready()
@@ -108,7 +114,8 @@ def _live_server(model_dir, *args: str, api_key: str | None = None, env: dict | 
 
 @pytest.fixture(scope="session")
 def live_server():
-    """`with live_server(model_dir, *serve_args, api_key=None, env=None) as server:` a started server."""
+    """`with live_server(model_dir, *serve_args, api_key=None, env=None, code=None) as server:` a started
+    server."""
     return _live_server
 
 

@@ -5,12 +5,12 @@ import random
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from exaserve.engine import LLM, SamplingParams
 from exaserve.engine.loader import CheckpointError, load_model
 from exaserve.engine.quantization import Fp8Format
-from exaserve.testing import add_random_mtp, hf_greedy, make_hf_checkpoint, quantize_fp8
+from exaserve.testing import add_random_mtp, hf_greedy, make_hf_checkpoint, quantize_fp8, rewrite_checkpoint
 
 GEN = 10
 
@@ -98,26 +98,17 @@ def test_tensor_parallel_reads_each_slice_with_its_block_scales(pair):
     assert [o.token_ids for o in one] == [o.token_ids for o in two]
 
 
-def _broken_copy(src, dst, change):
-    import shutil
-    shutil.copytree(src, dst)
-    tensors = load_file(dst / "model.safetensors")
-    change(tensors)
-    save_file(tensors, dst / "model.safetensors")
-    return dst
-
-
 def test_missing_misshapen_and_bad_scales_are_clear_errors(base, tmp_path):
     quantize_fp8(base, tmp_path / "fp8", tmp_path / "deq")
     name = "model.layers.1.self_attn.q_proj"
-    missing = _broken_copy(tmp_path / "fp8", tmp_path / "missing", lambda t: t.pop(f"{name}.weight_scale"))
+    missing = rewrite_checkpoint(tmp_path / "fp8", tmp_path / "missing", lambda t: t.pop(f"{name}.weight_scale"))
     with pytest.raises(CheckpointError, match=rf"FP8 tensor '{name}.weight' has no scale '{name}.weight_scale'"):
         load_model(missing)
-    shaped = _broken_copy(tmp_path / "fp8", tmp_path / "shaped",
+    shaped = rewrite_checkpoint(tmp_path / "fp8", tmp_path / "shaped",
                           lambda t: t.__setitem__(f"{name}.weight_scale", torch.ones(2, 3)))
     with pytest.raises(CheckpointError, match=rf"scale '{name}.weight_scale' has shape \[2, 3\]"):
         load_model(shaped)
-    nan = _broken_copy(tmp_path / "fp8", tmp_path / "nan",
+    nan = rewrite_checkpoint(tmp_path / "fp8", tmp_path / "nan",
                        lambda t: t.__setitem__(f"{name}.weight_scale", torch.full((1, 1), float("nan"))))
     with pytest.raises(CheckpointError, match=rf"scale '{name}.weight_scale' holds values that are not finite"):
         load_model(nan)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from exaserve.engine.config import ConfigError, ModelConfig
 from exaserve.engine.loader import CheckpointError, load_model
 from exaserve.engine.tiny import make_tiny_checkpoint
+from exaserve.testing import rewrite_checkpoint
 
 BASE = {"model_type": "exaone_moe", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 8,
         "num_attention_heads": 4, "num_key_value_heads": 2, "sliding_window": 16, "num_experts": 4,
@@ -61,27 +62,20 @@ def test_config_errors(change, message):
         ModelConfig.from_dict(d)
 
 
-def _rewrite(src, dst, edit):
-    shutil.copytree(src, dst)
-    tensors = load_file(dst / "model.safetensors")
-    edit(tensors)
-    save_file(tensors, dst / "model.safetensors")
-    return dst
-
-
 def test_missing_unexpected_and_misshapen_tensors(tiny, tmp_path):
     name = "model.layers.1.mlp.experts.3.up_proj.weight"
-    bad = _rewrite(tiny, tmp_path / "missing", lambda t: t.pop(name))
+    bad = rewrite_checkpoint(tiny, tmp_path / "missing", lambda t: t.pop(name))
     with pytest.raises(CheckpointError, match=f"missing tensor '{name}'"):
         load_model(bad)
-    bad = _rewrite(tiny, tmp_path / "extra", lambda t: t.update({"model.layers.0.mlp.bogus.weight": torch.zeros(2)}))
+    bad = rewrite_checkpoint(tiny, tmp_path / "extra",
+                             lambda t: t.update({"model.layers.0.mlp.bogus.weight": torch.zeros(2)}))
     with pytest.raises(CheckpointError, match="unexpected tensor 'model.layers.0.mlp.bogus.weight'"):
         load_model(bad)
-    bad = _rewrite(tiny, tmp_path / "shape", lambda t: t.update({name: torch.zeros(3, 3)}))
+    bad = rewrite_checkpoint(tiny, tmp_path / "shape", lambda t: t.update({name: torch.zeros(3, 3)}))
     with pytest.raises(CheckpointError, match=rf"'{name}' has shape \[3, 3\]"):
         load_model(bad)
-    ok = _rewrite(tiny, tmp_path / "inv_freq",
-                  lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.zeros(4)}))
+    ok = rewrite_checkpoint(tiny, tmp_path / "inv_freq",
+                             lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.zeros(4)}))
     load_model(ok)                                                # known-ignorable tensors are skipped
     (tmp_path / "empty").mkdir()
     with pytest.raises(Exception, match="config.json"):

@@ -1,6 +1,5 @@
 """The `exaserve serve` process: the port taken before loading, slow clients, shutdown, a dead engine."""
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -17,37 +16,6 @@ SLOW_STEPS = ("import time\nfrom exaserve.engine import engine_core as ec\nstep 
               "ec.EngineCore.step = lambda self, *a, **k: (time.sleep(0.01), step(self, *a, **k))[1]")
 
 
-def _serve(model, *args: str, code: str | None = None) -> tuple[subprocess.Popen, str, str]:
-    """Start `exaserve serve` (after `code`, when given, in the same interpreter); returns (process, url, log)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tempfile.NamedTemporaryFile(prefix="exaserve-", suffix=".log", delete=False).name
-    prelude = (code or "") + "\nimport sys; from exaserve.cli import main; sys.exit(main(sys.argv[1:]))"
-    cmd = [sys.executable, "-c", prelude, "serve", "--model", str(model), "--port", str(port), *args]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=tempfile.gettempdir(), stdout=out, stderr=subprocess.STDOUT)
-    return proc, f"http://127.0.0.1:{port}", log
-
-
-def _wait_ready(proc, url, log, timeout=180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, open(log).read()
-        try:
-            if httpx.get(url + "/health", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise AssertionError(f"not ready:\n{open(log).read()}")
-
-
-def _stop(proc) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
-
-
 def test_busy_port_fails_before_loading(tiny_model):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -60,11 +28,10 @@ def test_busy_port_fails_before_loading(tiny_model):
     assert "Loaded" not in done.stderr  # it stopped before loading the model
 
 
-def test_half_sent_requests_are_closed_and_others_served(tiny_model):
+def test_half_sent_requests_are_closed_and_others_served(tiny_model, live_server):
     import resource
-    proc, url, log = _serve(tiny_model, "--request-timeout", "1")
-    try:
-        _wait_ready(proc, url, log)
+    with live_server(tiny_model, "--request-timeout", "1") as server:
+        proc, url = server.proc, server.url
         # each connection is a file descriptor: the soft limit is raised (up to the hard one) at start
         line = next(x for x in open(f"/proc/{proc.pid}/limits") if x.startswith("Max open files"))
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -90,8 +57,6 @@ def test_half_sent_requests_are_closed_and_others_served(tiny_model):
         assert slow.recv(4096).startswith(b"HTTP/1.1 200")
         slow.close()
         assert httpx.post(url + "/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200
-    finally:
-        _stop(proc)
 
 
 def _open_stream(url: str, max_tokens: int = 3000):
@@ -106,12 +71,10 @@ def _open_stream(url: str, max_tokens: int = 3000):
     return client, lines
 
 
-def test_sigterm_ends_streams_with_an_error_event_at_the_deadline(tiny_model):
-    proc, url, log = _serve(tiny_model, "--shutdown-timeout", "1",
-                            code=SLOW_STEPS)
-    try:
-        _wait_ready(proc, url, log)
-        client, lines = _open_stream(url)
+def test_sigterm_ends_streams_with_an_error_event_at_the_deadline(tiny_model, live_server):
+    with live_server(tiny_model, "--shutdown-timeout", "1", code=SLOW_STEPS) as server:
+        proc = server.proc
+        client, lines = _open_stream(server.url)
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         rest = [line for line in lines if line]
@@ -122,27 +85,21 @@ def test_sigterm_ends_streams_with_an_error_event_at_the_deadline(tiny_model):
         # a clean exit; uvicorn re-raises the signal it caught once it has shut down
         assert proc.wait(timeout=15) in (0, -signal.SIGTERM)
         client.close()
-    finally:
-        _stop(proc)
 
 
-def test_second_signal_exits_at_once(tiny_model):
-    proc, url, log = _serve(tiny_model, "--shutdown-timeout", "60",
-                            code=SLOW_STEPS)
-    try:
-        _wait_ready(proc, url, log)
-        client, lines = _open_stream(url)
+def test_second_signal_exits_at_once(tiny_model, live_server):
+    with live_server(tiny_model, "--shutdown-timeout", "60", code=SLOW_STEPS) as server:
+        proc = server.proc
+        client, lines = _open_stream(server.url)
         proc.send_signal(signal.SIGINT)
         time.sleep(0.5)
         assert proc.poll() is None  # the first signal waits for the stream
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=10)
         client.close()
-    finally:
-        _stop(proc)
 
 
-def test_dead_engine_exits_non_zero(tiny_model):
+def test_dead_engine_exits_non_zero(tiny_model, live_server):
     """An engine thread that dies turns /health to 503 and ends the process with a non-zero status, so an
     orchestrator restarts it."""
     code = ("from exaserve.engine import engine_core as ec\n"
@@ -152,14 +109,10 @@ def test_dead_engine_exits_non_zero(tiny_model):
             "    if any(r.prompt_token_ids[-1] == 7 for r in self.requests.values()): raise Death('injected')\n"
             "    return step(self, *a, **k)\n"
             "ec.EngineCore.step = dying")
-    proc, url, log = _serve(tiny_model, code=code)
-    try:
-        _wait_ready(proc, url, log)
+    with live_server(tiny_model, code=code) as server:
+        url = server.url
         assert httpx.post(url + "/v1/completions", json={"prompt": [5, 6], "max_tokens": 2}).status_code == 200
         response = httpx.post(url + "/v1/completions", json={"prompt": [5, 7], "max_tokens": 2}, timeout=30)
         assert response.status_code >= 500
-        assert proc.wait(timeout=15) == 1
-        assert "the engine stopped" in open(log).read()
-    finally:
-        _stop(proc)
-        os.unlink(log)
+        assert server.proc.wait(timeout=15) == 1
+        assert "the engine stopped" in server.log()

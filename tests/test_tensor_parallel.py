@@ -158,15 +158,14 @@ def test_server_streams_with_tp2_and_fails_fast_when_a_worker_dies(checkpoint, l
 def test_two_nodes_give_the_tokens_of_one(checkpoint):
     """Two "nodes" on 127.0.0.1 with two ranks each: node 1 is `exaserve serve --node-rank 1` (its ranks only),
     node 0 the engine; the tokens equal one rank's, and node 1 ends cleanly with the engine."""
-    import socket
     import subprocess
     import sys
     import tempfile
 
+    from exaserve.engine.distributed import free_port
+
     path, _ = checkpoint
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     node1 = subprocess.Popen([sys.executable, "-m", "exaserve", "serve", "--model", str(path), "--dtype", "float32",
                               "-tp", "4", "--nnodes", "2", "--node-rank", "1", "--master-addr", "127.0.0.1",
                               "--master-port", str(port)], cwd=tempfile.gettempdir())
@@ -304,7 +303,6 @@ def test_two_nodes_under_torchrun(checkpoint):
     environment, the ranks meet at its agent's store; node 0 serves the one-rank text; both end on SIGTERM."""
     import shutil
     import signal
-    import socket
     import subprocess
     import sys
     import tempfile
@@ -312,15 +310,11 @@ def test_two_nodes_under_torchrun(checkpoint):
 
     import httpx
 
+    from exaserve.engine.distributed import free_port
+
     path, _ = checkpoint
     torchrun = shutil.which("torchrun") or str(__import__("pathlib").Path(sys.executable).with_name("torchrun"))
-
-    def port():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-    master, http = port(), port()
+    master, http = free_port(), free_port()
     prompt = _prompts(1, 98, seed=9)[0]
     expected = _run(path, [prompt])[0].text
     nodes = [subprocess.Popen([torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(k),
@@ -354,24 +348,21 @@ def test_two_nodes_under_torchrun(checkpoint):
 def test_stacked_experts_load_like_per_expert_ones(checkpoint, tmp_path):
     """Re-saved checkpoints store experts stacked (mlp.experts.gate_up_proj [E, 2I, H], gate rows first, and
     down_proj [E, H, I]): the same weights as the per-expert form, on one rank, split (tp=2) or by expert (EP)."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
+    from exaserve.testing import rewrite_checkpoint
 
     path, _ = checkpoint
-    stacked = tmp_path / "stacked"
-    shutil.copytree(path, stacked)
-    tensors = load_file(stacked / "model.safetensors")
     cfg = ModelConfig.from_pretrained(path)
-    layers = {n.split(".mlp.experts.")[0] for n in tensors if ".mlp.experts." in n}
-    for layer in layers:
-        def take(e, w, layer=layer):
-            return tensors.pop(f"{layer}.mlp.experts.{e}.{w}_proj.weight")
-        experts = range(cfg.num_experts)
-        gate_up = [torch.cat([take(e, "gate"), take(e, "up")]) for e in experts]
-        tensors[f"{layer}.mlp.experts.gate_up_proj"] = torch.stack(gate_up)
-        tensors[f"{layer}.mlp.experts.down_proj"] = torch.stack([take(e, "down") for e in experts])
-    save_file(tensors, stacked / "model.safetensors")
+
+    def stack(tensors):
+        for layer in {n.split(".mlp.experts.")[0] for n in tensors if ".mlp.experts." in n}:
+            def take(e, w, layer=layer):
+                return tensors.pop(f"{layer}.mlp.experts.{e}.{w}_proj.weight")
+            experts = range(cfg.num_experts)
+            tensors[f"{layer}.mlp.experts.gate_up_proj"] = torch.stack(
+                [torch.cat([take(e, "gate"), take(e, "up")]) for e in experts])
+            tensors[f"{layer}.mlp.experts.down_proj"] = torch.stack([take(e, "down") for e in experts])
+
+    stacked = rewrite_checkpoint(path, tmp_path / "stacked", stack)
     for size, ep in ((1, False), (2, False), (2, True)):
         a, b = (load_model(p, torch.float32, "cpu", cfg, par=Parallel(size - 1, size, ep)) for p in (path, stacked))
         for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
