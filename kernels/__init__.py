@@ -117,4 +117,4 @@ def select(name: str, device: torch.device | str, cpu_flags: tuple[str, ...] = (
     if name == "cpu":
         return _table("cpu", cpu_ops)
     return _table("triton", *(importlib.import_module(f"exaserve.kernels.triton_{m}")
-                              for m in ("norm", "moe", "attention")))
+                              for m in ("norm", "moe", "attention", "fp8")))
