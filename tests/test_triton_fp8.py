@@ -158,7 +158,8 @@ def test_linear_fp8(bk, dtype, M, fused):
     N, K = 70, 200                                   # a partial 32-row group, a partial K block for both bk
     w, scale = fp8_weight(N, K, bk=bk)
     x = torch.randn(M, K, device=DEVICE).to(dtype)
-    cfg = dict(triton_fp8.interpreter_config(bk), FUSED_QUANT=fused)
+    # GROUP_M 2 with 3 row tiles: a partial last group in the grouped launch order
+    cfg = dict(triton_fp8.interpreter_config(bk), FUSED_QUANT=fused, GROUP_M=2 if M > 32 else 1)
     with poisoned():
         out = triton_fp8.linear_fp8(x, w, scale, bk, config=cfg)
     wd = dequantize(w, scale, bk)
@@ -205,7 +206,7 @@ def test_fused_moe_fp8(bk, dtype, T, fused):
     if T > 1:
         topk_ids[1] = -1                             # a token with all its experts elsewhere: output 0
     topk_weights = torch.rand(T, k, device=DEVICE) + 0.1
-    cfg = dict(triton_fp8.interpreter_config(bk), FUSED_QUANT=fused)
+    cfg = dict(triton_fp8.interpreter_config(bk), FUSED_QUANT=fused, GROUP_M=2 if T > 32 else 1)
     with poisoned():
         out = triton_fp8.fused_moe_fp8(x, w13, s13, w2, s2, topk_weights, topk_ids, bk, config=cfg)
     w13d, w2d = dequantize(w13, s13, bk), dequantize(w2, s2, bk)
