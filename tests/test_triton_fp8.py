@@ -299,7 +299,8 @@ def test_kernels_compile_for_sm90(tmp_path):
     shared memory per block and without register spills; the kernels that quantize use the rounding cast."""
     if ptxas_path() is None:
         pytest.skip("the triton wheel has no ptxas: cannot compile for sm_90 here")
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "cache"))
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "cache"),
+               TRITON_DEFAULT_FP_FUSION="1")
     res = subprocess.run([sys.executable, __file__, "sm90"], capture_output=True, text=True, timeout=600, env=env,
                          cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
