@@ -365,11 +365,13 @@ def _sm90_main():
         info = subprocess.run([str(ptxas_path()), "-v", "--gpu-name", "sm_90a", str(ptx_file), "-o", "/dev/null"],
                               capture_output=True, text=True)
         spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info.stderr)
-        if info.returncode != 0 or not spills:
+        registers = re.findall(r"Used (\d+) registers", info.stderr)
+        if info.returncode != 0 or not spills or not registers:
             raise RuntimeError(f"ptxas on {self.fn.__name__}: {info.stderr[-2000:]}")
         quantizes = self.fn.__name__ in ("_quantize_kernel", "_gate_up_kernel") or kwargs.get("FUSED_QUANT", False)
         records.append(dict(kernel=self.fn.__name__, config=config.get("cfg"), shared=kernel.metadata.shared,
-                            spill_stores=int(spills[0][0]), spill_loads=int(spills[0][1]), quantizes=quantizes,
+                            registers=int(registers[0]), spill_stores=int(spills[0][0]),
+                            spill_loads=int(spills[0][1]), quantizes=quantizes,
                             rounding_cast="cvt.rn.satfinite.e4m3x2.f32" in ptx, div_rn="div.rn.f32" in ptx))
 
     JITFunction.run = compile_only
