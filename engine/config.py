@@ -38,6 +38,7 @@ class EngineConfig:
     spec_max_batch_size: int = 32        # no drafting in steps with more running requests than this
     tensor_parallel_size: int = 1        # ranks the model is split over (engine/parallel.py, engine/distributed.py)
     enable_expert_parallel: bool = False  # with tensor_parallel_size > 1: whole experts per rank instead of slices
+    quantization: str | None = None      # "fp8": block-FP8 linear weights quantized at load (engine/loader.py)
     nnodes: int = 1                      # nodes the ranks are spread over (tensor_parallel_size / nnodes each)
     node_rank: int = 0                   # this node; 0 runs the engine (and the server), others only ranks
     master_addr: str = "127.0.0.1"       # node 0's address, where the ranks meet
@@ -54,6 +55,8 @@ class EngineConfig:
                 device = None
             if device is None or device.type not in ("cpu", "cuda"):
                 raise ConfigError(f"device={self.device!r}; use auto, cpu, cuda or cuda:N")
+        if self.quantization not in (None, "fp8"):
+            raise ConfigError(f"quantization={self.quantization!r}; exaserve supports fp8 (block FP8) or none")
         if self.kernels is not None and self.kernels not in KERNEL_BACKENDS:
             raise ConfigError(f"kernels={self.kernels!r}; use one of {', '.join(KERNEL_BACKENDS)}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "spec_max_batch_size",

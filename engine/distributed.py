@@ -139,12 +139,15 @@ class ShardedModel:
             return fn(*args)
         except WorkerError:
             raise
-        except RuntimeError as exc:   # gloo/NCCL report a peer that is gone as a RuntimeError
+        except Exception as exc:
+            # A peer that is gone (gloo/NCCL raise RuntimeError), or rank 0 failing between two collectives:
+            # either way the other ranks wait in a collective rank 0 will never join, so the group is done.
+            self.broken = True
             if self.workers.any_dead() or "Connection" in str(exc) or "timed out" in str(exc).lower():
-                self.broken = True
                 raise WorkerError(f"tensor-parallel collective failed ({self.workers.describe_dead()}): {exc}") \
                     from exc
-            raise
+            raise WorkerError(f"rank 0 failed in the middle of a tensor-parallel step, which leaves the ranks out "
+                              f"of step: {type(exc).__name__}: {exc}") from exc
 
     def forward(self, input_ids, positions, meta, kv, before_compute=None):
         self._broadcast(("forward", _cpu((input_ids, positions, meta))))

@@ -73,7 +73,7 @@ class _Plan:
 
     def load(self, c: EngineConfig, par: Parallel):
         model = load_model(Path(c.model), self.weight_dtype, self.device, self.cfg, act_dtype=self.dtype,
-                           ops=self.ops, par=par)
+                           ops=self.ops, par=par, quantization=c.quantization)
         if c.num_speculative_tokens and model.mtp is None:
             raise ValueError(f"num_speculative_tokens={c.num_speculative_tokens} needs the checkpoint's MTP block "
                              f"(mtp.* tensors), and {c.model} has none; use num_speculative_tokens=0")

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from exaserve import kernels
-from exaserve.engine import quantization
+from exaserve.engine import quantization as quantization_module
 from exaserve.engine.config import ModelConfig
-from exaserve.engine.model import DecoderLayer, ExaoneMoeModel, MoE
+from exaserve.engine.model import MLP, DecoderLayer, ExaoneMoeModel, MoE
 from exaserve.engine.parallel import SINGLE, Parallel
-from exaserve.kernels import Ops
+from exaserve.kernels import Ops, fp8
 
 log = logging.getLogger("exaserve.engine")
 ST_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -38,11 +38,13 @@ COLUMN_CHUNK_BYTES = 16 << 20   # buffer for reading a column slice, a few rows 
 @dataclass
 class Target:
     """Where an on-disk tensor goes: `dst`, a view of our parameter; with `dim`, only the slice
-    [start, start + dst.shape[dim]) of the on-disk tensor's dimension `dim` (`full` long on disk)."""
+    [start, start + dst.shape[dim]) of the on-disk tensor's dimension `dim` (`full` long on disk). `param`:
+    the linear weight `dst` is part of (those may be kept as FP8), None for any other tensor."""
     dst: torch.Tensor
     dim: int | None = None
     start: int = 0
     full: int = 0
+    param: torch.Tensor | None = None
 
     @property
     def disk_shape(self) -> tuple[int, ...]:
@@ -52,10 +54,10 @@ class Target:
         return tuple(shape)
 
 
-def _sliced(dst: torch.Tensor, dim: int, start: int, full: int) -> Target:
+def _sliced(dst: torch.Tensor, dim: int, start: int, full: int, param=None) -> Target:
     if start == 0 and full == dst.shape[dim]:
-        return Target(dst)
-    return Target(dst, dim, start, full)
+        return Target(dst, param=param)
+    return Target(dst, dim, start, full, param)
 
 
 class CheckpointError(ValueError):
@@ -151,12 +153,12 @@ def _layer_targets(prefix: str, layer: DecoderLayer, cfg: ModelConfig, par: Para
     t = {
         f"{prefix}.input_layernorm.weight": Target(layer.input_norm.data),
         f"{prefix}.post_attention_layernorm.weight": Target(layer.post_norm.data),
-        f"{prefix}.self_attn.q_proj.weight": _sliced(a.qkv.data[:nq], 0, par.rank * nq, cfg.num_heads * d),
+        f"{prefix}.self_attn.q_proj.weight": _sliced(a.qkv.data[:nq], 0, par.rank * nq, cfg.num_heads * d, a.qkv),
         f"{prefix}.self_attn.k_proj.weight": _sliced(a.qkv.data[nq:nq + nkv], 0, a.first_kv_head * d,
-                                                     cfg.num_kv_heads * d),
+                                                     cfg.num_kv_heads * d, a.qkv),
         f"{prefix}.self_attn.v_proj.weight": _sliced(a.qkv.data[nq + nkv:], 0, a.first_kv_head * d,
-                                                     cfg.num_kv_heads * d),
-        f"{prefix}.self_attn.o_proj.weight": _sliced(a.o.data, 1, par.rank * nq, cfg.num_heads * d),
+                                                     cfg.num_kv_heads * d, a.qkv),
+        f"{prefix}.self_attn.o_proj.weight": _sliced(a.o.data, 1, par.rank * nq, cfg.num_heads * d, a.o),
         f"{prefix}.self_attn.q_norm.weight": Target(a.q_norm.data),
         f"{prefix}.self_attn.k_norm.weight": Target(a.k_norm.data),
     }
@@ -170,12 +172,12 @@ def _layer_targets(prefix: str, layer: DecoderLayer, cfg: ModelConfig, par: Para
         if stacked in stored:   # re-saved checkpoints: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]
             if mlp.num_local_experts != cfg.num_experts:    # expert parallel: this rank's experts, whole
                 first = mlp.first_expert
-                t[stacked] = Target(mlp.w13.data, 0, first, cfg.num_experts)
-                t[f"{prefix}.mlp.experts.down_proj"] = Target(mlp.w2.data, 0, first, cfg.num_experts)
+                t[stacked] = Target(mlp.w13.data, 0, first, cfg.num_experts, mlp.w13)
+                t[f"{prefix}.mlp.experts.down_proj"] = Target(mlp.w2.data, 0, first, cfg.num_experts, mlp.w2)
             else:
-                t[stacked] = [Target(mlp.w13.data[:, :width], 1, start, 2 * full),
-                              Target(mlp.w13.data[:, width:], 1, full + start, 2 * full)]
-                t[f"{prefix}.mlp.experts.down_proj"] = _sliced(mlp.w2.data, 2, start, full)
+                t[stacked] = [Target(mlp.w13.data[:, :width], 1, start, 2 * full, mlp.w13),
+                              Target(mlp.w13.data[:, width:], 1, full + start, 2 * full, mlp.w13)]
+                t[f"{prefix}.mlp.experts.down_proj"] = _sliced(mlp.w2.data, 2, start, full, mlp.w2)
             t.update(_mlp_targets(f"{prefix}.mlp.shared_experts", mlp.shared, par) if mlp.shared is not None else {})
             return t
         for e in range(cfg.num_experts):
@@ -184,9 +186,9 @@ def _layer_targets(prefix: str, layer: DecoderLayer, cfg: ModelConfig, par: Para
             if not 0 <= local < mlp.num_local_experts:
                 elsewhere.update(f"{name}.{w}_proj.weight" for w in ("gate", "up", "down"))
                 continue
-            t[f"{name}.gate_proj.weight"] = _sliced(mlp.w13.data[local, :width], 0, start, full)
-            t[f"{name}.up_proj.weight"] = _sliced(mlp.w13.data[local, width:], 0, start, full)
-            t[f"{name}.down_proj.weight"] = _sliced(mlp.w2.data[local], 1, start, full)
+            t[f"{name}.gate_proj.weight"] = _sliced(mlp.w13.data[local, :width], 0, start, full, mlp.w13)
+            t[f"{name}.up_proj.weight"] = _sliced(mlp.w13.data[local, width:], 0, start, full, mlp.w13)
+            t[f"{name}.down_proj.weight"] = _sliced(mlp.w2.data[local], 1, start, full, mlp.w2)
         if mlp.shared is not None:
             t.update(_mlp_targets(f"{prefix}.mlp.shared_experts", mlp.shared, par))
     else:
@@ -197,9 +199,9 @@ def _layer_targets(prefix: str, layer: DecoderLayer, cfg: ModelConfig, par: Para
 def _mlp_targets(prefix, mlp, par: Parallel) -> dict[str, Target]:
     width = mlp.down.shape[1]
     start, full = par.rank * width, par.size * width
-    return {f"{prefix}.gate_proj.weight": _sliced(mlp.gate_up.data[:width], 0, start, full),
-            f"{prefix}.up_proj.weight": _sliced(mlp.gate_up.data[width:], 0, start, full),
-            f"{prefix}.down_proj.weight": _sliced(mlp.down.data, 1, start, full)}
+    return {f"{prefix}.gate_proj.weight": _sliced(mlp.gate_up.data[:width], 0, start, full, mlp.gate_up),
+            f"{prefix}.up_proj.weight": _sliced(mlp.gate_up.data[width:], 0, start, full, mlp.gate_up),
+            f"{prefix}.down_proj.weight": _sliced(mlp.down.data, 1, start, full, mlp.down)}
 
 
 def weight_targets(model: ExaoneMoeModel, stored: set[str] = frozenset()) -> tuple[dict, set[str]]:
@@ -222,36 +224,49 @@ def weight_targets(model: ExaoneMoeModel, stored: set[str] = frozenset()) -> tup
         m = model.mtp
         t.update({"mtp.pre_fc_norm_embedding.weight": Target(m.norm_embedding.data),
                   "mtp.pre_fc_norm_hidden.weight": Target(m.norm_hidden.data),
-                  "mtp.fc.weight": Target(m.fc.data), "mtp.norm.weight": Target(m.norm.data)})
+                  "mtp.fc.weight": Target(m.fc.data, param=m.fc), "mtp.norm.weight": Target(m.norm.data)})
         t.update(_layer_targets("mtp.layers.0", m.layer, cfg, par, elsewhere, stored))
     return t, elsewhere
 
 
 def load_model(path: str | Path, dtype="float32", device="cpu", cfg: ModelConfig | None = None,
-               act_dtype=None, ops: Ops | None = None, par: Parallel = SINGLE) -> ExaoneMoeModel:
+               act_dtype=None, ops: Ops | None = None, par: Parallel = SINGLE,
+               quantization: str | None = None) -> ExaoneMoeModel:
     """Weights in `dtype`; activations in `act_dtype` (default: the same); ops: the kernel backend's op table
-    (default: the torch path); par: this rank's share under tensor parallelism (default: everything)."""
+    (default: the torch path); par: this rank's share under tensor parallelism (default: everything).
+
+    FP8: a block-FP8 checkpoint's linear weights stay FP8 in memory with their scales (kernels/fp8.py);
+    `quantization="fp8"` quantizes a checkpoint's linear weights so at load (128 x 128 blocks, as the FP8
+    release is made), except the router, embeddings, lm_head and the MTP block, which the release leaves
+    unquantized. A weight whose layout cannot stay FP8 (see _fp8_plan) is dequantized instead (a checkpoint's)
+    or left as it is (quantization="fp8"), and the log says which."""
     path = Path(path)
     ops = ops or kernels.select("torch", device)
     cfg = cfg or ModelConfig.from_pretrained(path)
     dtype = resolve_dtype(dtype)
+    if quantization not in (None, "fp8"):
+        raise ValueError(f"unknown quantization {quantization!r}; exaserve supports fp8 (block FP8)")
     files = checkpoint_files(path)
     with_mtp = any(name.startswith("mtp.") for name in files)
-    with torch.device(device):
-        model = ExaoneMoeModel(ops, cfg, dtype=dtype, with_mtp=with_mtp, act_dtype=act_dtype, par=par)
-    targets, elsewhere = weight_targets(model, set(files))
-    ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     try:
-        fp8 = quantization.read_format(json.loads((path / "config.json").read_text()))
+        fmt = quantization_module.read_format(json.loads((path / "config.json").read_text()))
     except ValueError as exc:
         raise CheckpointError(str(exc)) from None
-    scales = _fp8_scales(files, targets, fp8)   # weight name -> its scale's name, for the FP8 weights
-    if scales:
-        stored = sum(torch.Size(files[n].shape(n)).numel() for n in scales)
-        log.info("FP8 checkpoint (%s, %dx%d blocks): %d weights, %.1f MiB as FP8, dequantized to %s as they are "
-                 "read (FP8 kernels that keep them at one byte per weight are not written yet)", fp8.method,
-                 *fp8.block, len(scales), stored / (1 << 20), str(dtype).removeprefix("torch."))
+    # Planned on a model without storage: which linear weights stay FP8 decides each parameter's dtype.
+    with torch.device("meta"):
+        model = ExaoneMoeModel(ops, cfg, dtype=dtype, with_mtp=with_mtp, act_dtype=act_dtype, par=par)
+    targets, elsewhere = weight_targets(model, set(files))
+    scales = _fp8_scales(files, targets, fmt)   # weight name -> its scale's name, for the FP8 weights on disk
+    online = set()
+    if quantization == "fp8" and fmt is None:
+        fmt = quantization_module.ONLINE
+        online = {n for n in targets if quantization_module.online_quantizable(n, files[n].shape(n))}
+    keep = _fp8_plan(model, targets, set(scales) | online, fmt) if fmt is not None else {}
+    model.materialize(device, {p: fmt.block[1] for p in keep})
+    targets, _ = weight_targets(model, set(files))
+    _log_fp8(files, scales, online, keep, fmt, dtype)
 
+    ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
     by_file: dict[SafetensorsFile, list[str]] = {}
     for name, st in files.items():
         if name not in targets:
@@ -273,11 +288,82 @@ def load_model(path: str | Path, dtype="float32", device="cpu", cfg: ModelConfig
         with open(st.path, "rb") as f:
             for name in sorted(names, key=lambda n: st.entries[n]["data_offsets"][0]):
                 for target in _each(targets[name]):
+                    kept = target.param is not None and fp8.parts(target.param) is not None
                     if name in scales:
-                        _read_fp8(st, f, name, target, files[scales[name]], scales[name], fp8.block)
+                        _read_fp8(st, f, name, target, files[scales[name]], scales[name], fmt.block, kept)
+                    elif kept:
+                        _read_quantized(st, f, name, target, fmt.block)
                     else:
                         st.read_into(f, name, target.dst, target.dim, target.start)
+    for name, target in targets.items():   # every scale was written: none is left as allocated (NaN)
+        for t in _each(target):
+            if t.param is not None and fp8.parts(t.param) is not None and not fp8.parts(t.param)[0].isfinite().all():
+                raise CheckpointError(f"the FP8 weight {name!r} has scales that no checkpoint tensor filled")
     return model
+
+
+def _fp8_plan(model: ExaoneMoeModel, targets: dict[str, Target | list[Target]], quantized: set[str],
+              fmt: "quantization_module.Fp8Format") -> set:
+    """The linear weights (parameters of the model being planned) that stay FP8: those whose every part comes
+    from an FP8 tensor (or one quantized at load) and whose layout the kernels read (kernels/fp8.py): each part
+    starts on a 32-row group of the parameter and fills whole groups (the last may end the parameter), the
+    checkpoint's blocks are whole 32-row groups, and a tensor-parallel slice starts on a block boundary (a
+    slice that cuts a block would need a scale for half of it). The others are logged by _log_fp8."""
+    parts: dict[int, list[tuple[str, Target]]] = {}
+    params = {}
+    for name, target in targets.items():
+        for t in _each(target):
+            if t.param is not None:
+                parts.setdefault(id(t.param), []).append((name, t))
+                params[id(t.param)] = t.param
+    keep = set()
+    br, bk = fmt.block
+    for pid, pieces in parts.items():
+        p = params[pid]
+        if br % fp8.ROW_GROUP or any(name not in quantized for name, _ in pieces):
+            continue
+        ok = True
+        for _, t in pieces:
+            r0, n = _rows_in_param(t.dst, p)
+            if t.dst.dim() != 2 or r0 % fp8.ROW_GROUP or (n % fp8.ROW_GROUP and r0 + n != p.shape[-2]):
+                ok = False
+            if t.dim == 0 and t.start % br or t.dim == 1 and t.start % bk:
+                ok = False
+        if ok:
+            keep.add(p)
+    # The weights one kernel call reads together are all FP8 or none (the C++ MoE block takes one weight type):
+    # an MLP's pair, and a MoE block's experts with its shared expert.
+    for module in model.modules():
+        if isinstance(module, MoE):
+            group = [module.w13, module.w2, *(module.shared.parameters() if module.shared is not None else ())]
+        elif isinstance(module, MLP):
+            group = [module.gate_up, module.down]
+        else:
+            continue
+        if not all(p in keep for p in group):
+            keep.difference_update(group)
+    return keep
+
+
+def _rows_in_param(dst: torch.Tensor, param: torch.Tensor) -> tuple[int, int]:
+    """(first row, rows) of a view of one matrix of `param` ([N, K] or a stack [E, N, K])."""
+    N, K = param.shape[-2:]
+    return (dst.storage_offset() - param.storage_offset()) % (N * K) // K, dst.shape[-2]
+
+
+def _log_fp8(files, scales: dict[str, str], online: set[str], keep: set, fmt, dtype) -> None:
+    if not scales and not online:
+        return
+    kept = sum(p.numel() for p in keep)
+    total = sum(torch.Size(files[n].shape(n)).numel() for n in (scales.keys() | online))
+    what = "FP8 checkpoint (%s)" % fmt.method if scales else "--quantization fp8 (quantized at load)"
+    log.info("%s, %dx%d blocks: %.1f MiB of linear weights kept as FP8 in memory (%.0f%% of the %.1f MiB "
+             "quantized)", what, *fmt.block, kept / (1 << 20), 100.0 * kept / max(total, 1), total / (1 << 20))
+    if kept < total:
+        log.warning("%.1f MiB of FP8-quantized weights are %s as %s: their fused parts or tensor-parallel "
+                    "slices do not start on the block grid the FP8 kernels read (every published configuration "
+                    "does; small test configurations may not)", (total - kept) / (1 << 20),
+                    "dequantized" if scales else "kept", str(dtype).removeprefix("torch."))
 
 
 def _each(target: Target | list[Target]) -> list[Target]:
@@ -285,37 +371,36 @@ def _each(target: Target | list[Target]) -> list[Target]:
 
 
 def _fp8_scales(files: dict[str, SafetensorsFile], targets: dict[str, Target],
-                fp8: "quantization.Fp8Format | None") -> dict[str, str]:
+                fmt: "quantization_module.Fp8Format | None") -> dict[str, str]:
     """FP8 weight name -> its scale tensor's name; clear errors for an FP8 tensor without a format, on the ignore
     list, or with a missing or misshapen scale."""
     scales = {}
     for name, st in files.items():
-        if st.entries[name]["dtype"] != quantization.FP8_DTYPE:
+        if st.entries[name]["dtype"] != quantization_module.FP8_DTYPE:
             continue
         module = name.removesuffix(".weight")
-        if fp8 is None:
+        if fmt is None:
             raise CheckpointError(f"tensor {name!r} is FP8 but config.json has no quantization_config")
         if name == module or name not in targets or len(st.shape(name)) != 2:
             raise CheckpointError(f"tensor {name!r} is FP8, which exaserve reads only for linear weights")
-        if fp8.ignored(module):
+        if fmt.ignored(module):
             raise CheckpointError(f"tensor {name!r} is FP8 but its module is on the quantization ignore list")
-        scale = f"{module}.{fp8.scale_suffix}"
+        scale = f"{module}.{fmt.scale_suffix}"
         if scale not in files:
             raise CheckpointError(f"FP8 tensor {name!r} has no scale {scale!r} in the checkpoint")
-        want = quantization.scale_shape(st.shape(name), fp8.block)
+        want = quantization_module.scale_shape(st.shape(name), fmt.block)
         if files[scale].shape(scale) != want or files[scale].entries[scale]["dtype"] not in ("F32", "BF16", "F16"):
             raise CheckpointError(f"scale {scale!r} has shape {list(files[scale].shape(scale))} and dtype "
                                   f"{files[scale].entries[scale]['dtype']}; the {list(st.shape(name))} FP8 weight "
-                                  f"in {list(fp8.block)} blocks needs {list(want)}, floating point")
+                                  f"in {list(fmt.block)} blocks needs {list(want)}, floating point")
         scales[name] = scale
     return scales
 
 
 def _read_fp8(st: SafetensorsFile, f, name: str, target: Target, scale_file: SafetensorsFile, scale_name: str,
-              block: tuple[int, int]) -> None:
-    """This rank's slice of an FP8 weight, dequantized with its block scales into the target's dtype."""
-    values = torch.empty(target.dst.shape, dtype=torch.float32)
-    st.read_into(f, name, values, target.dim, target.start)            # e4m3 -> fp32 is exact
+              block: tuple[int, int], kept: bool) -> None:
+    """This rank's slice of an FP8 weight with its block scales: kept FP8 (the bytes as stored, the scales into
+    the parameter's grid) or dequantized into the target's dtype."""
     scale = torch.empty(scale_file.shape(scale_name), dtype=torch.float32)
     with open(scale_file.path, "rb") as sf:
         scale_file.read_into(sf, scale_name, scale)
@@ -323,4 +408,33 @@ def _read_fp8(st: SafetensorsFile, f, name: str, target: Target, scale_file: Saf
         raise CheckpointError(f"scale {scale_name!r} holds values that are not finite")
     row0 = target.start if target.dim == 0 else 0
     col0 = target.start if target.dim == 1 else 0
-    target.dst.copy_(quantization.dequantize_(values, scale, block, row0, col0))
+    if kept:
+        st.read_into(f, name, target.dst, target.dim, target.start)
+        _put_scales(target, scale, block, row0, col0)
+        return
+    values = torch.empty(target.dst.shape, dtype=torch.float32)
+    st.read_into(f, name, values, target.dim, target.start)            # e4m3 -> fp32 is exact
+    target.dst.copy_(quantization_module.dequantize_(values, scale, block, row0, col0))
+
+
+def _read_quantized(st: SafetensorsFile, f, name: str, target: Target, block: tuple[int, int]) -> None:
+    """This rank's slice of a weight, quantized to FP8 in blocks (quantization="fp8"); the slice starts on a
+    block boundary (_fp8_plan), so its blocks are the whole tensor's."""
+    values = torch.empty(target.dst.shape, dtype=torch.float32)
+    st.read_into(f, name, values, target.dim, target.start)
+    q, scale = fp8.quantize_blocks(values, block)
+    target.dst.copy_(q)
+    _put_scales(target, scale, block, 0, 0)
+
+
+def _put_scales(target: Target, grid: torch.Tensor, block: tuple[int, int], row0: int, col0: int) -> None:
+    """Fill the scales of target.dst's rows in its parameter's grid (groups of 32 rows, kernels/fp8.py) from a
+    block grid whose origin is the tensor's element (row0, col0) before slicing."""
+    p = target.param
+    scale, block_k = fp8.parts(p)
+    r0, n = _rows_in_param(target.dst, p)
+    groups = -(-n // fp8.ROW_GROUP)
+    rows = (row0 + torch.arange(groups) * fp8.ROW_GROUP) // block[0]
+    cols = col0 // block[1] + torch.arange(scale.shape[-1])
+    dst = scale if p.dim() == 2 else scale[(target.dst.storage_offset() - p.storage_offset()) // p[0].numel()]
+    dst[r0 // fp8.ROW_GROUP:r0 // fp8.ROW_GROUP + groups] = grid.index_select(0, rows).index_select(1, cols)

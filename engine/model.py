@@ -21,7 +21,7 @@ from torch import nn
 
 from exaserve.engine.config import ModelConfig
 from exaserve.engine.parallel import SINGLE, Parallel
-from exaserve.kernels import Ops
+from exaserve.kernels import Ops, fp8
 
 
 @dataclass
@@ -82,11 +82,10 @@ class MoE(nn.Module):
         weights, ids = self.ops.moe_route(x, self.router, self.bias, c.top_k, c.n_group, c.topk_group,
                                           c.norm_topk_prob, c.routed_scaling_factor)
         if self.num_local_experts != c.num_experts:
-            # Expert parallel: another rank's expert gets weight 0 (it still runs as local expert 0, which is
-            # correct but wasted work; a dispatch that skips it is the GPU kernels' job).
+            # Expert parallel: local expert ids; another rank's expert is -1, which every backend's fused_moe
+            # skips (no work, adds nothing).
             local = ids - self.first_expert
-            mine = (local >= 0) & (local < self.num_local_experts)
-            weights, ids = weights * mine, torch.where(mine, local, 0)
+            ids = torch.where((local >= 0) & (local < self.num_local_experts), local, -1)
         shared = (None, None) if self.shared is None else (self.shared.gate_up, self.shared.down)
         return self.ops.moe(x, self.w13, self.w2, weights, ids, *shared)
 
@@ -189,14 +188,38 @@ class ExaoneMoeModel(nn.Module):
             for i in range(cfg.num_layers))
         self.norm = _param(cfg.hidden_size, dtype=dtype)
         self.lm_head = self.embed if cfg.tie_word_embeddings else _param(vocab_rows, cfg.hidden_size, dtype=dtype)
-        if par.size > 1:
-            self.embed.data.zero_()
-            self.lm_head.data.zero_()
+        self._zero_vocab_padding()
         self.mtp = MTPBlock(ops, cfg, dtype, par) if with_mtp else None
         # pool index of each layer: sliding layers index the ring pool, global layers the paged pool
         self.pool_index = [cfg.sliding_layers.index(i) if t == "sliding" else cfg.full_layers.index(i)
                            for i, t in enumerate(cfg.layer_types)]
         self.rope = None
+
+    def _zero_vocab_padding(self):
+        if self.par.size > 1 and self.embed.device.type != "meta":
+            self.embed.data.zero_()
+            self.lm_head.data.zero_()
+
+    def materialize(self, device, fp8_params: dict | None = None) -> None:
+        """Give a model built on the meta device its storage on `device` (contents undefined until loaded):
+        the parameters in `fp8_params` (parameter -> block columns) as FP8 with a scale grid (kernels/fp8.py;
+        scales NaN until loaded, so one never loaded cannot pass for a real one), the others in their dtype."""
+        fp8_params = fp8_params or {}
+        made = {}
+        for module in self.modules():
+            for name, p in list(module._parameters.items()):
+                if p is None:
+                    continue
+                if id(p) not in made:
+                    block_k = fp8_params.get(p)
+                    q = nn.Parameter(torch.empty(p.shape, dtype=p.dtype if block_k is None else fp8.FP8,
+                                                 device=device), requires_grad=False)
+                    if block_k is not None:
+                        groups = (*p.shape[:-2], -(-p.shape[-2] // fp8.ROW_GROUP), -(-p.shape[-1] // block_k))
+                        fp8.attach(q, torch.full(groups, float("nan"), device=device), block_k)
+                    made[id(p)] = q
+                module._parameters[name] = made[id(p)]
+        self._zero_vocab_padding()
 
     def init_rope(self, max_positions: int, device):
         d = self.cfg.head_dim

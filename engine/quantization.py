@@ -7,11 +7,11 @@ w = q * scale of its block), blocks at the edges partial. Modules on the format'
 (compressed-tensors: exact names or `re:` patterns matched from the start; Hugging Face: names containing an
 entry of `modules_to_not_convert`).
 
-What the loader does with them today: each FP8 weight is dequantized as it is read (its slice only, under
-tensor parallelism) into the engine's weight dtype, so an FP8 checkpoint runs exactly as its dequantized
-weights would. Whether a tensor is quantized is decided by its stored dtype and checked against the ignore
-list, so an unquantized module (the MTP block, the router) can never be read as FP8 with made-up scales.
-Keeping the weights as FP8 in memory (half the bytes of bf16) needs FP8 kernels (issue 15) and is not done yet.
+The loader keeps each FP8 weight as FP8 in memory with its scales (kernels/fp8.py: the layout every kernel
+backend reads), or dequantizes it where that layout cannot hold it (engine/loader.py: _fp8_plan). Whether a
+tensor is quantized is decided by its stored dtype and checked against the ignore list, so an unquantized
+module (the MTP block, the router) can never be read as FP8 with made-up scales. `--quantization fp8`
+quantizes a bf16/fp32 checkpoint at load the way the FP8 release was made (ONLINE, online_quantizable).
 """
 from __future__ import annotations
 
@@ -67,6 +67,17 @@ def read_format(config: dict) -> Fp8Format | None:
                          "weight_scale_inv")
     raise ValueError(f"quantization_config quant_method {method!r} is not supported; exaserve reads block FP8 "
                      f"(compressed-tensors float-quantized, or fp8 with weight_block_size)")
+
+
+# --quantization fp8: the release's 128 x 128 blocks and its choice of modules (below)
+ONLINE = Fp8Format("online", (128, 128), (), "")
+
+
+def online_quantizable(name: str, shape) -> bool:
+    """Whether --quantization fp8 quantizes checkpoint tensor `name`: the decoder layers' linear weights
+    (q/k/v/o, the MLPs, the experts and the shared expert), as the FP8 release does; not the router
+    (`mlp.gate`), the embeddings, the lm_head or the MTP block."""
+    return len(shape) == 2 and name.startswith("model.layers.") and name.endswith("_proj.weight")
 
 
 def _block(value) -> tuple[int, int]:

@@ -91,6 +91,9 @@ def _serve_parser() -> argparse.ArgumentParser:
                         help="split the model over this many ranks (GPUs; processes on a CPU)")
     parser.add_argument("--enable-expert-parallel", action="store_true",
                         help="with -tp N: whole experts per rank instead of a slice of every expert")
+    parser.add_argument("--quantization", choices=["fp8"],
+                        help="fp8: quantize the checkpoint's linear weights to block FP8 at load (an FP8 checkpoint "
+                             "is read as FP8 without it)")
     parser.add_argument("--nnodes", type=_positive, default=1, help="nodes the -tp ranks are spread over")
     parser.add_argument("--node-rank", type=int, default=0,
                         help="this node (0 serves the API; the others only run their ranks)")

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from exaserve.kernels import fp8
+
 
 def make_hf_checkpoint(path, *, seed=0, std=0.2, **overrides):
     """save_pretrained a random ExaoneMoeForCausalLM with weights large enough that routing and logits are
@@ -163,7 +165,6 @@ FP8_FORMATS = {
         "quant_method": "fp8", "weight_block_size": list(block), "activation_scheme": "dynamic",
         "modules_to_not_convert": ["lm_head", "embed_tokens", "mtp."]}),
 }
-FP8_MAX = 448.0   # the largest float8 e4m3 value
 
 
 def quantize_fp8(src: str | Path, dst: str | Path, dequantized: str | Path, *, fmt: str = "compressed-tensors",
@@ -178,15 +179,10 @@ def quantize_fp8(src: str | Path, dst: str | Path, dequantized: str | Path, *, f
     quantized, plain = {}, {}
     for name, w in tensors.items():
         if w.dim() == 2 and name.endswith("_proj.weight") and not name.startswith("mtp."):
-            rows, cols = -(-w.shape[0] // block[0]), -(-w.shape[1] // block[1])
-            padded = torch.zeros(rows * block[0], cols * block[1])
-            padded[:w.shape[0], :w.shape[1]] = w.float()
-            blocks = padded.view(rows, block[0], cols, block[1])
-            scale = (blocks.abs().amax(dim=(1, 3)) / FP8_MAX).clamp_min(1e-12)
-            wide = scale.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:w.shape[0], :w.shape[1]]
-            q = (w.float() / wide).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            q, scale = fp8.quantize_blocks(w, block)
             quantized[name], quantized[name.removesuffix("weight") + suffix] = q, scale
-            plain[name] = q.float() * wide
+            plain[name] = q.float() * scale.repeat_interleave(block[0], 0)[:w.shape[0]].repeat_interleave(
+                block[1], 1)[:, :w.shape[1]]
         else:
             quantized[name] = plain[name] = w
     for out, state, extra in ((dst, quantized, {"quantization_config": qconfig(block)}), (deq, plain, {})):

@@ -1,5 +1,6 @@
-"""The CPU path of each op through the C++ kernels (kernels/cpu/exa_cpu.cpp): fp32 activations, weights in fp32
-or bf16. Same signatures as kernels/torch_ops.py: the `cpu` backend's op table (kernels/__init__.py).
+"""The CPU path of each op through the C++ kernels (kernels/cpu/exa_cpu.cpp): fp32 activations, weights in fp32,
+bf16 or block FP8 (kernels/fp8.py). Same signatures as kernels/torch_ops.py: the `cpu` backend's op table
+(kernels/__init__.py).
 
 The GEMMs read weights in a packed layout (panels of 32 rows stored k-major; same shape, elements reordered).
 The engine packs its parameters once after loading (engine/cpu_model.py, `pack_parameter`, which marks them
@@ -7,7 +8,7 @@ The engine packs its parameters once after loading (engine/cpu_model.py, `pack_p
 """
 import torch
 
-from exaserve.kernels import cpu
+from exaserve.kernels import cpu, fp8
 
 _NONE = torch.empty(0)
 
@@ -27,14 +28,29 @@ def pack_parameter(param: torch.Tensor, part: int | None = None) -> None:
         return
     param.data = _ext().pack(param.data, part or param.shape[-2])
     param.exa_packed = True
+    if fp8.parts(param) is not None:
+        param.exa_scale = _kernel_scale(param)
+
+
+def _kernel_scale(w):
+    """The C++ kernels' copy of an FP8 weight's scales: times 2^8 (kernels/cpu/vec.h: load_fp8)."""
+    return (fp8.parts(w)[0] * 256.0).contiguous()
 
 
 def _packed(w, part=None):
     return w if is_packed(w) else _ext().pack(w.contiguous(), part or w.shape[-2])
 
 
+def _weight(w, part=None):
+    """(packed weight, its kernel scales or an empty tensor, block size or 0): how the C++ ops take a weight."""
+    p = fp8.parts(w)
+    if p is None:
+        return _packed(w, part), _NONE, 0
+    return _packed(w, part), w.exa_scale if is_packed(w) else _kernel_scale(w), p[1]
+
+
 def linear(x, w):
-    return _ext().linear(x, _packed(w))
+    return _ext().linear(x, *_weight(w))
 
 
 def rms_norm(x, weight, eps):
@@ -49,22 +65,32 @@ def qk_norm_rope(q, k, q_weight, k_weight, eps, positions, cos, sin, use_rope):
     return tuple(_ext().qk_norm_rope(q, k, q_weight, k_weight, eps, positions, cos, sin, use_rope))
 
 
+_NO_EXPERTS = ((_NONE, _NONE, 0), (_NONE, _NONE, 0))
+
+
 def _experts(gate_up, down):
-    """Packed (gate_up in gate/up parts, down in one part) versions of one expert's or a stack's weights."""
-    return _packed(gate_up, gate_up.shape[-2] // 2), _packed(down)
+    """_weight of one expert's or a stack's weights: gate_up packed in gate/up parts, down in one part."""
+    return _weight(gate_up, gate_up.shape[-2] // 2), _weight(down)
+
+
+def _moe(x, routed, topk_weights, topk_ids, shared):
+    """The C++ moe call: routed and shared are _experts pairs (or _NO_EXPERTS)."""
+    (w13, s13, b13), (w2, s2, b2) = routed
+    (sg, ssg, bg), (sd, ssd, bd) = shared
+    return _ext().moe(x, w13, w2, topk_weights, topk_ids, sg, sd, s13, s2, ssg, ssd, max(b13, b2, bg, bd))
 
 
 def fused_moe(x, w13, w2, topk_weights, topk_ids):
-    return _ext().moe(x, *_experts(w13, w2), topk_weights, topk_ids, _NONE, _NONE)
+    return _moe(x, _experts(w13, w2), topk_weights, topk_ids, _NO_EXPERTS)
 
 
 def moe(x, w13, w2, topk_weights, topk_ids, shared_gate_up=None, shared_down=None):
-    shared = (_NONE, _NONE) if shared_gate_up is None else _experts(shared_gate_up, shared_down)
-    return _ext().moe(x, *_experts(w13, w2), topk_weights, topk_ids, *shared)
+    shared = _NO_EXPERTS if shared_gate_up is None else _experts(shared_gate_up, shared_down)
+    return _moe(x, _experts(w13, w2), topk_weights, topk_ids, shared)
 
 
 def mlp(x, gate_up, down):
-    return _ext().moe(x, _NONE, _NONE, _NONE, _NONE, *_experts(gate_up, down))
+    return _moe(x, _NO_EXPERTS, _NONE, _NONE, _experts(gate_up, down))
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping):
@@ -108,9 +134,12 @@ def make_layer(attn_norm, post_norm, attn, mlp_weights: dict, *, window: int, po
     (a dense MLP); route: top_k, n_group, topk_group, norm_topk_prob, scaling (MoE only)."""
     L = _ext().Layer()
     L.input_norm, L.post_norm = attn_norm, post_norm
-    L.qkv, L.o, L.q_norm, L.k_norm = attn.qkv, attn.o, attn.q_norm, attn.k_norm
-    for name, t in mlp_weights.items():
+    L.q_norm, L.k_norm = attn.q_norm, attn.k_norm
+    for name, t in {"qkv": attn.qkv, "o": attn.o, **mlp_weights}.items():
         setattr(L, name, t)
+        if fp8.parts(t) is not None:    # FP8: its kernel scales beside it, one block size per layer
+            setattr(L, f"{name}_s", t.exa_scale)
+            L.bk = fp8.parts(t)[1]
     L.nq, L.nkv, L.d = attn.nq, attn.nkv, attn.d
     L.window, L.pool_index = window or 0, pool_index
     L.sliding, L.use_rope, L.eps, L.scale = attn.sliding, attn.use_rope, attn.eps, attn.scale

@@ -6,6 +6,8 @@ neither applies. Each op has the same signature as its public function in `kerne
 import torch
 import torch.nn.functional as F
 
+from exaserve.kernels import fp8
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
@@ -20,8 +22,10 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight^T, computed in x's dtype (a weight stored narrower, e.g. bf16 beside fp32 activations, is
-    widened first)."""
+    widened first; an FP8 weight is dequantized with its block scales, kernels/fp8.py)."""
     _not_packed(weight)
+    if weight.dtype == fp8.FP8:
+        return F.linear(x, fp8.dequantize(weight, x.dtype))
     return F.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype))
 
 
@@ -81,23 +85,25 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
 def fused_moe(x, w13, w2, topk_weights, topk_ids):
     """Routed experts: sum_k w_k * down_e(silu(gate_e x) * up_e x), accumulated in fp32.
 
-    x [T, H]; w13 [E, 2I, H] (gate rows first); w2 [E, H, I]; topk_weights fp32 [T, k]; topk_ids [T, k].
+    x [T, H]; w13 [E, 2I, H] (gate rows first); w2 [E, H, I] (FP8 weights are dequantized expert by expert);
+    topk_weights fp32 [T, k]; topk_ids [T, k], where -1 is an expert held by another rank (expert parallel):
+    it contributes nothing.
     """
     _not_packed(w13)
     T, k = topk_ids.shape
     flat_ids = topk_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    counts = torch.bincount(flat_ids + 1, minlength=w13.shape[0] + 1).tolist()   # + 1: -1 counts first
     token_of = order // k
     xs = x[token_of]
-    routed = torch.empty(T * k, x.shape[1], dtype=torch.float32, device=x.device)
-    start = 0
-    for e, n in enumerate(counts):
+    routed = torch.zeros(T * k, x.shape[1], dtype=torch.float32, device=x.device)
+    start = counts[0]
+    for e, n in enumerate(counts[1:]):
         if n == 0:
             continue
         end = start + n
-        h = silu_and_mul(linear(xs[start:end], w13[e]))
-        routed[start:end] = linear(h, w2[e]).float()
+        h = silu_and_mul(F.linear(xs[start:end], fp8.dequantize(w13, x.dtype, e)))
+        routed[start:end] = F.linear(h, fp8.dequantize(w2, x.dtype, e)).float()
         start = end
     routed *= topk_weights.reshape(-1)[order, None]
     out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)

@@ -71,8 +71,13 @@ def test_linear_strided_rows_and_batch_dims():
 def test_linear_rejects_bad_input():
     with pytest.raises(RuntimeError, match="do not match"):
         cpu_ops.linear(rn(3, 8), rn(4, 9))
-    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float8_e4m3fn"):
         cpu_ops.linear(rn(3, 8), rn(4, 8).half())
+    q = rn(4, 8).to(torch.float8_e4m3fn)    # FP8 without (or with misshapen) scales
+    with pytest.raises(RuntimeError, match="needs its block size"):
+        cpu_ops._ext().linear(rn(3, 8), cpu_ops._ext().pack(q, 4), torch.empty(0), 0)
+    with pytest.raises(RuntimeError, match=r"scales of an FP8 weight .* must be contiguous fp32 \[1, 1\]"):
+        cpu_ops._ext().linear(rn(3, 8), cpu_ops._ext().pack(q, 4), torch.ones(2, 1), 128)
 
 
 # -- MoE ----------------------------------------------------------------------------------------------------

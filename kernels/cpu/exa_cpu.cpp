@@ -1,4 +1,4 @@
-// CPU kernels for exaserve: GEMM with fp32 or bf16 weights (fp32 activations and accumulation), the whole
+// CPU kernels for exaserve: GEMM with fp32, bf16 or block-FP8 weights (fp32 activations and accumulation), the whole
 // MoE block (routed experts + shared expert) in one call, sliding-window ring attention, paged attention,
 // KV writes, RMSNorm and the q/k norm + RoPE front of attention.
 //
@@ -34,7 +34,8 @@
 #endif
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "packed copy of a weight [..., N, K] in parts of `part` rows");
-  m.def("linear", &linear_op, "x [M, K] fp32 @ w [N, K] (packed, fp32 or bf16)^T -> [M, N] fp32" EXA_COMPUTE_GUARD);
+  m.def("linear", &linear_op, "x [M, K] fp32 @ w [N, K] (packed; fp32, bf16, or FP8 with scales)^T -> [M, N] fp32"
+        EXA_COMPUTE_GUARD);
   m.def("moe", &moe, "routed + shared experts in one call" EXA_COMPUTE_GUARD);
   m.def("moe_route", &moe_route EXA_COMPUTE_GUARD);
   m.def("argmax_rows", &argmax_rows EXA_COMPUTE_GUARD);
@@ -60,6 +61,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("w2", &Layer::w2)
       .def_readwrite("shared_gate_up", &Layer::shared_gate_up)
       .def_readwrite("shared_down", &Layer::shared_down)
+      .def_readwrite("qkv_s", &Layer::qkv_s)
+      .def_readwrite("o_s", &Layer::o_s)
+      .def_readwrite("w13_s", &Layer::w13_s)
+      .def_readwrite("w2_s", &Layer::w2_s)
+      .def_readwrite("shared_gate_up_s", &Layer::shared_gate_up_s)
+      .def_readwrite("shared_down_s", &Layer::shared_down_s)
+      .def_readwrite("bk", &Layer::bk)
       .def_readwrite("nq", &Layer::nq)
       .def_readwrite("nkv", &Layer::nkv)
       .def_readwrite("d", &Layer::d)

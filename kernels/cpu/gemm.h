@@ -1,4 +1,4 @@
-// GEMM on packed weights: the packed layout and pack(), the register-tiled kernel (fp32 / bf16 / int8 weights,
+// GEMM on packed weights: the packed layout and pack(), the register-tiled kernel (fp32 / bf16 / int8 / FP8 weights,
 // fp32 activations and accumulation), linear; plus the helpers every op uses: OpenMP work items and the
 // argument checks of tensors coming from Python.
 #pragma once
@@ -160,11 +160,155 @@ void gemm_panels(const float* const* x, int M, const W* part, int R, int K, int 
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// FP8 weights (kernels/fp8.py): float8 e4m3 values in the packed layout (plain column order; a weight in several
+// parts has parts of whole panels) and one fp32 scale per panel and block of bk k-rows, premultiplied by 2^8
+// (load_fp8 returns the values times 2^-8). Each k-block's sums are scaled once, so a step reads one byte per
+// weight and computes in fp32: the dequantized weights' result up to summation order.
+
+struct Fp8W {
+  const uint8_t* q;  // this part's panels
+  const float* s;    // [panels][KB] scales of this part
+  int KB, bk;
+};
+
+// The weight `rows` rows (a multiple of PW for FP8) further on.
+template <typename W>
+inline const W* advance(const W* w, int64_t rows, int64_t K) {
+  return w + rows * K;
+}
+inline Fp8W advance(Fp8W w, int64_t rows, int64_t K) { return {w.q + rows * K, w.s + rows / PW * w.KB, w.KB, w.bk}; }
+
+// Handles of a weight of element type W (uint8_t: FP8, with its scales) from its storage.
+template <typename W>
+struct WeightOf {
+  using H = const W*;
+  static H make(const void* q, const float*, int, int) { return static_cast<H>(q); }
+};
+template <>
+struct WeightOf<uint8_t> {
+  using H = Fp8W;
+  static H make(const void* q, const float* s, int KB, int bk) { return {static_cast<const uint8_t*>(q), s, KB, bk}; }
+};
+
+// MR rows of x against one full-width FP8 panel [K][32] with scales s[KB].
+template <int MR>
+inline void ukernel_fp8(const float* const* x, const uint8_t* panel, const float* s, int K, int bk, float* out,
+                        int64_t ldo) {
+  constexpr int PH = MR <= 2 ? 2 : 1;
+  v16 tot[MR][2];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m) tot[m][0] = tot[m][1] = v16{};
+  for (int k0 = 0, b = 0; k0 < K; k0 += bk, ++b) {
+    const int k1 = std::min(K, k0 + bk);
+    v16 acc[PH][MR][2];
+#pragma GCC unroll 16
+    for (int p = 0; p < PH; ++p)
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; ++m) acc[p][m][0] = acc[p][m][1] = v16{};
+    int k = k0;
+    for (; k + PH <= k1; k += PH) {
+      if constexpr (PREFETCH > 0) __builtin_prefetch(panel + (k + PREFETCH) * PW, 0, EXA_PF_LOCALITY);
+#pragma GCC unroll 2
+      for (int p = 0; p < PH; ++p) {
+        const v16 w0 = load_fp8(panel + (k + p) * PW), w1 = load_fp8(panel + (k + p) * PW + 16);
+#pragma GCC unroll 16
+        for (int m = 0; m < MR; ++m) {
+          const float xs = x[m][k + p];
+          acc[p][m][0] += xs * w0;
+          acc[p][m][1] += xs * w1;
+        }
+      }
+    }
+    for (; k < k1; ++k) {
+      const v16 w0 = load_fp8(panel + k * PW), w1 = load_fp8(panel + k * PW + 16);
+      for (int m = 0; m < MR; ++m) {
+        acc[0][m][0] += x[m][k] * w0;
+        acc[0][m][1] += x[m][k] * w1;
+      }
+    }
+    const float sc = s[b];
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      v16 r0 = acc[0][m][0], r1 = acc[0][m][1];
+      if constexpr (PH == 2) {
+        r0 += acc[1][m][0];
+        r1 += acc[1][m][1];
+      }
+      tot[m][0] += r0 * sc;
+      tot[m][1] += r1 * sc;
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    store(out + m * ldo, tot[m][0]);
+    store(out + m * ldo + 16, tot[m][1]);
+  }
+}
+
+// gemm_panels for an FP8 part: few rows read the panel in registers; from FP8_WIDEN_ROWS rows it is widened (and
+// scaled) to fp32 once and the fp32 kernel runs on it. A narrower last panel is zero-padded to full width.
+inline void gemm_panels(const float* const* x, int M, Fp8W part, int R, int K, int p0, int p1, float* out,
+                        int64_t ldo) {
+  thread_local std::vector<float> wide, narrow_out;
+  thread_local std::vector<uint8_t> pad;
+  for (int p = p0; p < p1; ++p) {
+    const int width = std::min(PW, R - p * PW);
+    const uint8_t* panel = part.q + int64_t(p) * PW * K;
+    const float* s = part.s + int64_t(p) * part.KB;
+    float* o = out + (p - p0) * PW;
+    int64_t ld = ldo;
+    if (width < PW) {  // plain [K][width] -> [K][PW], and the output through a [M][PW] buffer
+      pad.assign(size_t(K) * PW, 0);
+      for (int k = 0; k < K; ++k) std::memcpy(pad.data() + size_t(k) * PW, panel + size_t(k) * width, width);
+      panel = pad.data();
+      narrow_out.resize(size_t(M) * PW);
+      o = narrow_out.data();
+      ld = PW;
+    }
+    if (M >= FP8_WIDEN_ROWS) {
+      wide.resize(size_t(K) * PW);
+      for (int k0 = 0, b = 0; k0 < K; k0 += part.bk, ++b) {
+        const float sc = s[b];
+        for (int k = k0; k < std::min(K, k0 + part.bk); ++k) {
+          if (PREFETCH > 0) __builtin_prefetch(panel + (k + PREFETCH) * PW, 0, EXA_PF_LOCALITY);
+          store(wide.data() + size_t(k) * PW, load_fp8(panel + k * PW) * sc);
+          store(wide.data() + size_t(k) * PW + 16, load_fp8(panel + k * PW + 16) * sc);
+        }
+      }
+      panel_rows<float>(x, M, wide.data(), K, o, ld, PW);
+    } else {
+      int m = 0;
+      for (; m + 4 <= M; m += 4) ukernel_fp8<4>(x + m, panel, s, K, part.bk, o + m * ld, ld);
+      if (M - m >= 2) {
+        ukernel_fp8<2>(x + m, panel, s, K, part.bk, o + m * ld, ld);
+        m += 2;
+      }
+      if (M - m >= 1) ukernel_fp8<1>(x + m, panel, s, K, part.bk, o + m * ld, ld);
+    }
+    if (width < PW)
+      for (int m = 0; m < M; ++m) std::memcpy(out + (p - p0) * PW + m * ldo, o + m * PW, width * sizeof(float));
+  }
+}
+
+bool is_fp8(const torch::Tensor& w) { return w.defined() && w.scalar_type() == at::kFloat8_e4m3fn; }
+
+// An FP8 weight [..., N, K] (packed) and its scales [..., ceil(N / PW), ceil(K / bk)] (times 2^8), as the
+// kernels need them. A weight packed in several parts needs parts of whole panels (pack checks it).
+void check_fp8(const torch::Tensor& w, const torch::Tensor& s, int64_t bk, const char* name) {
+  TORCH_CHECK(bk >= 1, name, ": an FP8 weight needs its block size (bk >= 1)");
+  std::vector<int64_t> want(w.sizes().begin(), w.sizes().end());
+  want[want.size() - 2] = (w.size(-2) + PW - 1) / PW;
+  want.back() = (w.size(-1) + bk - 1) / bk;
+  TORCH_CHECK(s.defined() && s.device().is_cpu() && s.scalar_type() == at::kFloat && s.is_contiguous() &&
+                  s.sizes() == torch::IntArrayRef(want),
+              name, ": the scales of an FP8 weight ", w.sizes(), " in blocks of ", bk, " must be contiguous fp32 ",
+              torch::IntArrayRef(want));
+}
 
 void check_weight(const torch::Tensor& w, const char* name) {
   TORCH_CHECK(w.device().is_cpu(), name, " must be a CPU tensor");
-  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16, name,
-              " must be float32 or bfloat16, got ", w.scalar_type());
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16 || is_fp8(w), name,
+              " must be float32, bfloat16 or float8_e4m3fn, got ", w.scalar_type());
   TORCH_CHECK(w.is_contiguous(), name, " must be contiguous");
 }
 
@@ -221,9 +365,15 @@ torch::Tensor pack(torch::Tensor w, int64_t part) {
   TORCH_CHECK(part >= 1 && N % part == 0, "pack: ", N, " rows do not split into parts of ", part);
   auto out = torch::empty_like(w);
   const int64_t batch = N * K ? w.numel() / (N * K) : 0;
+  if (is_fp8(w))  // one scale row per panel: only the last panel of the last part may be narrower
+    TORCH_CHECK(part == N || part % PW == 0, "pack: an FP8 weight in parts needs parts of a multiple of ", PW,
+                " rows, got ", part);
   if (w.scalar_type() == at::kBFloat16)
     pack_impl(reinterpret_cast<const int16_t*>(w.data_ptr()), reinterpret_cast<int16_t*>(out.data_ptr()), batch,
               N, K, part, /*pairs=*/true);
+  else if (is_fp8(w))
+    pack_impl(reinterpret_cast<const uint8_t*>(w.data_ptr()), reinterpret_cast<uint8_t*>(out.data_ptr()), batch, N,
+              K, part);
   else if (w.scalar_type() == at::kChar)
     pack_impl(w.data_ptr<int8_t>(), out.data_ptr<int8_t>(), batch, N, K, part);
   else
@@ -231,12 +381,11 @@ torch::Tensor pack(torch::Tensor w, int64_t part) {
   return out;
 }
 
-template <typename W>
-void linear_impl(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& out) {
-  const int M = x.size(0), K = x.size(1), N = w.size(0);
+template <typename H>
+void linear_impl(const torch::Tensor& x, H wp, int N, torch::Tensor& out) {
+  const int M = x.size(0), K = x.size(1);
   const int64_t ldx = x.stride(0);
   const float* xp = x.data_ptr<float>();
-  const W* wp = reinterpret_cast<const W*>(w.data_ptr());
   float* op = out.data_ptr<float>();
   const int mb = cdiv(M, BM), P = cdiv(N, PW);
   const int pp = panels_per_item(int64_t(P) * mb, GEMM_PANELS_PER_ITEM), nb = cdiv(P, pp);
@@ -263,18 +412,24 @@ std::vector<int64_t> with_last(const torch::Tensor& x, int64_t n) {
   return s;
 }
 
-// x [..., K] fp32 @ w^T, w [N, K] packed with part = N.
-torch::Tensor linear_op(torch::Tensor x, torch::Tensor w) {
+// x [..., K] fp32 @ w^T, w [N, K] packed with part = N; an FP8 w with its scales (check_fp8) and block size.
+torch::Tensor linear_op(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t bk) {
   check_weight(w, "weight");
   TORCH_CHECK(w.dim() == 2 && x.dim() >= 1 && w.size(1) == x.size(-1), "linear: x ", x.sizes(), " and weight ",
               w.sizes(), " do not match");
   auto x2 = rows_of(x, "x");
-  auto out = torch::empty(with_last(x, w.size(0)), x.options());
-  auto o2 = out.view({x2.size(0), w.size(0)});
-  if (w.scalar_type() == at::kBFloat16)
-    linear_impl<bf16>(x2, w, o2);
-  else
-    linear_impl<float>(x2, w, o2);
+  const int N = w.size(0);
+  auto out = torch::empty(with_last(x, N), x.options());
+  auto o2 = out.view({x2.size(0), N});
+  if (is_fp8(w)) {
+    check_fp8(w, scale, bk, "linear");
+    linear_impl(x2, Fp8W{reinterpret_cast<const uint8_t*>(w.data_ptr()), scale.data_ptr<float>(),
+                         int(scale.size(1)), int(bk)}, N, o2);
+  } else if (w.scalar_type() == at::kBFloat16) {
+    linear_impl(x2, reinterpret_cast<const bf16*>(w.data_ptr()), N, o2);
+  } else {
+    linear_impl(x2, w.data_ptr<float>(), N, o2);
+  }
   return out;
 }
 

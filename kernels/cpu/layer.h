@@ -27,6 +27,9 @@ struct Layer {
   torch::Tensor input_norm, post_norm, qkv, o, q_norm, k_norm;
   // MLP: a MoE block (router defined) with an optional shared expert, or a dense MLP in shared_*
   torch::Tensor router, bias, w13, w2, shared_gate_up, shared_down;
+  // FP8 weights' scales (kernels/cpu/gemm.h: check_fp8; undefined for other weights) and block size
+  torch::Tensor qkv_s, o_s, w13_s, w2_s, shared_gate_up_s, shared_down_s;
+  int64_t bk = 0;
   int64_t nq = 0, nkv = 0, d = 0, window = 0, pool_index = 0, top_k = 0, n_group = 1, topk_group = 1;
   bool sliding = false, use_rope = true, norm_topk_prob = true;
   double eps = 1e-5, scale = 1.0, scaling = 1.0;
@@ -74,20 +77,22 @@ torch::Tensor attention(const Layer& L, const torch::Tensor& q, const torch::Ten
 torch::Tensor layer_forward(const Layer& L, const torch::Tensor& x, const StepInputs& in) {
   const int64_t T = x.size(0), qd = L.nq * L.d, kd = L.nkv * L.d;
   auto xn = EXA_STAGE(0, rms_norm(x, L.input_norm, L.eps));
-  auto qkv = EXA_STAGE(1, linear_op(xn, L.qkv));
+  auto qkv = EXA_STAGE(1, linear_op(xn, L.qkv, L.qkv_s, L.bk));
   auto q = qkv.narrow(1, 0, qd).view({T, L.nq, L.d});
   auto k = qkv.narrow(1, qd, kd).view({T, L.nkv, L.d});
   auto v = qkv.narrow(1, qd + kd, kd).view({T, L.nkv, L.d});
   auto qk = EXA_STAGE(2, qk_norm_rope(q, k, L.q_norm, L.k_norm, L.eps, in.positions, in.cos, in.sin, L.use_rope));
   auto o = EXA_STAGE(3, attention(L, qk[0], qk[1], v, in));
-  auto hs = EXA_STAGE(4, add_rms_norm(linear_op(o.view({T, qd}), L.o), x, L.post_norm, L.eps));  // {normed, residual}
+  auto hs = EXA_STAGE(4, add_rms_norm(linear_op(o.view({T, qd}), L.o, L.o_s, L.bk), x, L.post_norm, L.eps));  // {normed, residual}
   torch::Tensor mlp;
   if (L.router.defined()) {
     auto r = EXA_STAGE(5, moe_route(hs[0], L.router, L.bias, L.top_k, L.n_group, L.topk_group, L.norm_topk_prob,
                                     L.scaling));
-    mlp = EXA_STAGE(6, moe(hs[0], L.w13, L.w2, r[0], r[1], or_none(L.shared_gate_up), or_none(L.shared_down)));
+    mlp = EXA_STAGE(6, moe(hs[0], L.w13, L.w2, r[0], r[1], or_none(L.shared_gate_up), or_none(L.shared_down), L.w13_s,
+                           L.w2_s, L.shared_gate_up_s, L.shared_down_s, L.bk));
   } else {
-    mlp = EXA_STAGE(6, moe(hs[0], none(), none(), none(), none(), L.shared_gate_up, L.shared_down));
+    mlp = EXA_STAGE(6, moe(hs[0], none(), none(), none(), none(), L.shared_gate_up, L.shared_down, L.w13_s, L.w2_s,
+                           L.shared_gate_up_s, L.shared_down_s, L.bk));
   }
   return EXA_STAGE(7, hs[1].add_(mlp));
 }
@@ -130,9 +135,9 @@ torch::Tensor rows_step(const std::vector<const Layer*>& layers, torch::Tensor e
                         torch::Tensor rows, bool argmax, const std::vector<torch::Tensor>& screen) {
   auto x = forward_layers(layers, embed_rows(embed, ids), in);
   auto h = rms_norm(x.index_select(0, rows.to(at::kLong)), norm, eps);
-  if (!argmax) return linear_op(h, lm_head);
+  if (!argmax) return linear_op(h, lm_head, torch::Tensor(), 0);
   auto tokens = screen.size() == 3 ? screened_argmax(h, screen[0], screen[1], screen[2], lm_head)
-                                   : argmax_rows(linear_op(h, lm_head));
+                                   : argmax_rows(linear_op(h, lm_head, torch::Tensor(), 0));
   auto bad = h.isfinite().logical_not().any(1);  // [R, H]: a read of what was just written, ~1 us per row
   if (bad.any().item<bool>()) tokens.masked_fill_(bad, -1);
   return tokens;

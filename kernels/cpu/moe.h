@@ -25,6 +25,8 @@ namespace {
 struct Group {       // one expert and the token rows routed to it
   const void* w13;   // [2I, H]: gate rows then up rows
   const void* w2;    // [H, I]
+  const float* s13 = nullptr;  // FP8 only: the scales of w13 [2I / PW, KB13] and of w2 [H / PW, KB2]
+  const float* s2 = nullptr;
   int I;
   std::vector<int> tok;      // token of each row
   std::vector<float> scale;  // routing weight of each row
@@ -32,8 +34,10 @@ struct Group {       // one expert and the token rows routed to it
   int64_t inter_off = 0;     // its rows in the intermediate buffer
 };
 
+// W: the weights' element type (uint8_t: FP8 in blocks of bk columns)
 template <typename W>
-void run_groups(const float* x, int64_t ldx, int H, std::vector<Group>& groups, float* inter, float* part) {
+void run_groups(const float* x, int64_t ldx, int H, std::vector<Group>& groups, float* inter, float* part,
+                int bk) {
   int64_t total = 0;
   for (const Group& G : groups) total += cdiv(G.I, PW);
   const int JP = panels_per_item(total, MOE_PANELS_PER_ITEM);
@@ -47,7 +51,7 @@ void run_groups(const float* x, int64_t ldx, int H, std::vector<Group>& groups, 
     const Group& G = groups[items[it].first];
     const int p0 = items[it].second, p1 = std::min(cdiv(G.I, PW), p0 + JP), M = G.tok.size();
     const int j0 = p0 * PW, bj = std::min(G.I, p1 * PW) - j0;
-    const W* w13 = static_cast<const W*>(G.w13);
+    const auto w13 = WeightOf<W>::make(G.w13, G.s13, bk ? cdiv(H, bk) : 0, bk);
     thread_local std::vector<const float*> rows;
     thread_local std::vector<float> gate, up;
     rows.resize(M);
@@ -58,7 +62,7 @@ void run_groups(const float* x, int64_t ldx, int H, std::vector<Group>& groups, 
     for (int m0 = 0; m0 < M; m0 += BM) {
       const int bm = std::min(BM, M - m0);
       gemm_panels(rows.data() + m0, bm, w13, G.I, H, p0, p1, gate.data(), JB);
-      gemm_panels(rows.data() + m0, bm, w13 + int64_t(G.I) * H, G.I, H, p0, p1, up.data(), JB);
+      gemm_panels(rows.data() + m0, bm, advance(w13, G.I, H), G.I, H, p0, p1, up.data(), JB);
       for (int m = 0; m < bm; ++m)
         silu_mul(gate.data() + m * JB, up.data() + m * JB, dst + int64_t(m0 + m) * G.I + j0, bj);
     }
@@ -71,7 +75,7 @@ void run_groups(const float* x, int64_t ldx, int H, std::vector<Group>& groups, 
     const Group& G = groups[items[it].first];
     const int p0 = items[it].second, p1 = std::min(cdiv(H, PW), p0 + HP), M = G.tok.size();
     const int h0 = p0 * PW, bh = std::min(H, p1 * PW) - h0;
-    const W* w2 = static_cast<const W*>(G.w2);
+    const auto w2 = WeightOf<W>::make(G.w2, G.s2, bk ? cdiv(G.I, bk) : 0, bk);
     thread_local std::vector<const float*> rows;
     thread_local std::vector<float> buf;
     rows.resize(M);
@@ -89,10 +93,15 @@ void run_groups(const float* x, int64_t ldx, int H, std::vector<Group>& groups, 
   });
 }
 
-// x [T, H]; w13 [E, 2I, H] packed in parts of I rows; w2 [E, H, I] packed (part H); topk_weights [T, k] fp32; topk_ids [T, k] int64;
-// shared_gate_up [2Is, H] (parts of Is) and shared_down [H, Is] (part H) optional (an empty tensor = none). E may be 0 (dense MLP).
+// x [T, H]; w13 [E, 2I, H] packed in parts of I rows; w2 [E, H, I] packed (part H); topk_weights [T, k] fp32;
+// topk_ids [T, k] int64, where -1 is an expert another rank holds (expert parallel): it adds nothing and costs
+// nothing; shared_gate_up [2Is, H] (parts of Is) and shared_down [H, Is] (part H) optional (an empty tensor =
+// none). E may be 0 (dense MLP). FP8 weights (all of them or none) come with their scales (check_fp8) in *_s
+// and their block size bk.
 torch::Tensor moe(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, torch::Tensor topk_weights,
-                  torch::Tensor topk_ids, torch::Tensor shared_gate_up, torch::Tensor shared_down) {
+                  torch::Tensor topk_ids, torch::Tensor shared_gate_up, torch::Tensor shared_down,
+                  torch::Tensor w13_s, torch::Tensor w2_s, torch::Tensor shared_gate_up_s,
+                  torch::Tensor shared_down_s, int64_t bk) {
   check_act(x, "x", 2);
   if (x.stride(1) != 1) x = x.contiguous();
   const int T = x.size(0), H = x.size(1);
@@ -110,6 +119,14 @@ torch::Tensor moe(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, torch::T
                 "moe: w13 ", w13.sizes(), " / w2 ", w2.sizes(), " do not match x ", x.sizes());
     TORCH_CHECK(w13.is_contiguous() && w2.is_contiguous(), "moe: expert weights must be contiguous");
     TORCH_CHECK(w2.scalar_type() == wtype, "moe: w13 and w2 dtypes differ");
+    if (is_fp8(w13)) {
+      check_fp8(w13.select(0, 0), w13_s.defined() && w13_s.dim() == 3 ? w13_s.select(0, 0) : torch::Tensor(), bk,
+                "moe w13");
+      check_fp8(w2.select(0, 0), w2_s.defined() && w2_s.dim() == 3 ? w2_s.select(0, 0) : torch::Tensor(), bk,
+                "moe w2");
+      TORCH_CHECK(w13_s.size(0) == w13.size(0) && w2_s.size(0) == w2.size(0) && w13.size(1) / 2 % PW == 0,
+                  "moe: FP8 expert scales ", w13_s.sizes(), " / ", w2_s.sizes(), " do not match the experts");
+    }
     TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == T && topk_weights.sizes() == topk_ids.sizes(),
                 "moe: topk_ids ", topk_ids.sizes(), " / topk_weights ", topk_weights.sizes(), " for ", T,
                 " tokens");
@@ -124,12 +141,17 @@ torch::Tensor moe(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, torch::T
     for (int t = 0; t < T; ++t)
       for (int j = 0; j < k; ++j) {
         const int64_t e = idp[t * k + j];
-        TORCH_CHECK(e >= 0 && e < E, "moe: expert id ", e, " out of range [0, ", E, ")");
+        TORCH_CHECK(e >= -1 && e < E, "moe: expert id ", e, " out of range [-1, ", E, ")");
+        if (e < 0) continue;  // another rank's expert: its row of the partial sums stays 0
         if (group_of[e] < 0) {
           group_of[e] = groups.size();
           Group G;
           G.w13 = static_cast<const char*>(w13.data_ptr()) + e * w13.stride(0) * es;
           G.w2 = static_cast<const char*>(w2.data_ptr()) + e * w2.stride(0) * es;
+          if (is_fp8(w13)) {
+            G.s13 = w13_s.data_ptr<float>() + e * w13_s.stride(0);
+            G.s2 = w2_s.data_ptr<float>() + e * w2_s.stride(0);
+          }
           G.I = I;
           groups.push_back(std::move(G));
         }
@@ -152,6 +174,14 @@ torch::Tensor moe(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, torch::T
     Group G;
     G.w13 = shared_gate_up.data_ptr();
     G.w2 = shared_down.data_ptr();
+    if (is_fp8(shared_gate_up)) {
+      check_fp8(shared_gate_up, shared_gate_up_s, bk, "moe shared_gate_up");
+      check_fp8(shared_down, shared_down_s, bk, "moe shared_down");
+      TORCH_CHECK(shared_down.size(1) % PW == 0, "moe: FP8 shared expert width ", shared_down.size(1),
+                  " is not a multiple of ", PW);
+      G.s13 = shared_gate_up_s.data_ptr<float>();
+      G.s2 = shared_down_s.data_ptr<float>();
+    }
     G.I = shared_down.size(1);
     for (int t = 0; t < T; ++t) {
       G.tok.push_back(t);
@@ -169,9 +199,11 @@ torch::Tensor moe(torch::Tensor x, torch::Tensor w13, torch::Tensor w2, torch::T
   std::vector<float> inter(inter_rows), part(int64_t(P) * H);
   if (T > 0) {
     if (wtype == at::kBFloat16)
-      run_groups<bf16>(x.data_ptr<float>(), x.stride(0), H, groups, inter.data(), part.data());
+      run_groups<bf16>(x.data_ptr<float>(), x.stride(0), H, groups, inter.data(), part.data(), 0);
+    else if (wtype == at::kFloat8_e4m3fn)
+      run_groups<uint8_t>(x.data_ptr<float>(), x.stride(0), H, groups, inter.data(), part.data(), int(bk));
     else
-      run_groups<float>(x.data_ptr<float>(), x.stride(0), H, groups, inter.data(), part.data());
+      run_groups<float>(x.data_ptr<float>(), x.stride(0), H, groups, inter.data(), part.data(), 0);
   }
   auto out = torch::empty({T, H}, x.options());
   float* op = out.data_ptr<float>();

@@ -30,6 +30,12 @@ constexpr int PREFETCH = EXA_PREFETCH;
 #define EXA_WIDEN_ROWS 48
 #endif
 constexpr int WIDEN_ROWS = EXA_WIDEN_ROWS;
+// From this many rows, an FP8 panel is widened (and scaled) to fp32 once instead of in registers per row tile:
+// its conversion costs ~3x a bf16 one, and the FP8 register kernel tiles at most 4 rows.
+#ifndef EXA_FP8_WIDEN_ROWS
+#define EXA_FP8_WIDEN_ROWS 16
+#endif
+constexpr int FP8_WIDEN_ROWS = EXA_FP8_WIDEN_ROWS;
 // Rows of x per work item: the block of x stays in L2 while the item's panels stream past it.
 constexpr int BM = 256;
 // Work items per thread when panels are split between threads (dynamic scheduling evens out the threads).
