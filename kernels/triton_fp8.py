@@ -1,8 +1,9 @@
 """Block-FP8 Triton kernels: the dense GEMM and the fused grouped MoE with float8 e4m3 weights.
 
-Weights as kernels/fp8.py keeps them in memory: e4m3 [N, K] (experts stacked [E, N, K]) with float32 scales
-[ceil(N / 32), ceil(K / BK)], one per group of 32 rows x BK columns (BK: the checkpoint's block width, a power of
-two >= 16); w[n, k] = q[n, k] * scale[n // 32, k // BK], edge groups partial.
+Weights as kernels/fp8.py keeps them in memory (fp8.parts reads the scales a weight carries): e4m3 [N, K]
+(experts stacked [E, N, K]) with float32 scales [ceil(N / 32), ceil(K / BK)], one per group of 32 rows x BK
+columns (BK: the checkpoint's block width; these kernels take a power of two >= 16); w[n, k] = q[n, k] *
+scale[n // 32, k // BK], edge groups partial.
 
 Activations are quantized dynamically per token in groups of BK columns, as the FP8 checkpoints are meant to be
 run: scale = max(amax, MIN_AMAX) / 448, q = x / scale rounded to e4m3 (nearest, ties to even). Every GEMM steps
@@ -43,14 +44,12 @@ import torch
 import triton
 import triton.language as tl
 
-from exaserve.kernels import torch_ops, triton_moe
+from exaserve.kernels import fp8, torch_ops, triton_moe
 from exaserve.kernels.triton_common import INTERPRET
 from exaserve.kernels.triton_moe import CONFIG_DIR, align, device_name
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0            # the largest finite e4m3 value
+FP8, FP8_MAX, ROW_GROUP = fp8.FP8, fp8.FP8_MAX, fp8.ROW_GROUP
 MIN_AMAX = 1e-10           # an all-zero group gets this amax (its values quantize to 0 either way)
-ROW_GROUP = 32             # weight rows per scale
 FALLBACK_DEVICE = "NVIDIA_H200"
 _FP8_MAX = tl.constexpr(FP8_MAX)
 _MIN_AMAX = tl.constexpr(MIN_AMAX)
@@ -423,14 +422,9 @@ def fused_moe_fp8(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, block
 
 # -- op table entries -------------------------------------------------------------------------------------------
 
-def _fp8_parts(w):
-    scale = getattr(w, "fp8_scale", None)
-    return None if scale is None else (scale, w.fp8_block_k)
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The triton backend's linear: block-FP8 weights through linear_fp8, any other weight as the torch path."""
-    parts = _fp8_parts(weight)
+    parts = fp8.parts(weight)
     if parts is None:
         return torch_ops.linear(x, weight)
     return linear_fp8(x, weight, *parts)
@@ -438,7 +432,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def fused_moe(x, w13, w2, topk_weights, topk_ids):
     """The triton backend's fused_moe: FP8 expert stacks through fused_moe_fp8, others through triton_moe."""
-    p13, p2 = _fp8_parts(w13), _fp8_parts(w2)
+    p13, p2 = fp8.parts(w13), fp8.parts(w2)
     if p13 is None and p2 is None:
         return triton_moe.fused_moe(x, w13, w2, topk_weights, topk_ids)
     if p13 is None or p2 is None or p13[1] != p2[1]:
