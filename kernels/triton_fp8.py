@@ -279,12 +279,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+@functools.lru_cache(maxsize=4096)
 def linear_config(M: int, N: int, K: int, block_k: int, dtype: torch.dtype, device=None) -> dict:
     if INTERPRET:
         return interpreter_config(block_k)
     return pick("linear", f"N={N},K={K},bk={block_k},dtype={_dtype_name(dtype)}", M, device_name(device))
 
 
+@functools.lru_cache(maxsize=4096)
 def moe_config(M: int, E: int, N: int, K: int, top_k: int, block_k: int, dtype: torch.dtype, device=None) -> dict:
     if INTERPRET:
         return interpreter_config(block_k)
