@@ -121,44 +121,105 @@ def test_fused_moe(case, dtype):
     check(run(triton_moe.fused_moe, x, w13, w2, weights, ids), ref.fused_moe(x, w13, w2, weights, ids), dtype)
 
 
-def test_moe_align():
-    E, bm = 6, 4
-    _, ids = routing(11, E, 2, used=4)
+def _check_alignment(ids, E, bm):
+    """align's contract: every pair with an expert id >= 0 exactly once, in pair order within its expert; each
+    tile one expert's pairs and never empty; tiles past the end -1; padding rows hold T*k."""
     pairs, experts = triton_moe.align(ids, E, bm)
     flat = ids.reshape(-1).cpu()
     pairs, experts = pairs.cpu(), experts.cpu()
-    real = pairs[pairs < flat.numel()]
-    assert sorted(real.tolist()) == list(range(flat.numel()))       # every pair exactly once
+    P = flat.numel()
+    assert pairs.numel() == experts.numel() * bm
+    assert ((pairs >= 0) & (pairs <= P)).all()
+    # every live pair exactly once, grouped by expert, in pair order within its expert
+    live = [i for i in sorted(range(P), key=lambda i: (flat[i].item(), i)) if flat[i] >= 0]
+    assert pairs[pairs < P].tolist() == live
+    seen_end = False
     for b, e in enumerate(experts.tolist()):
         tile = pairs[b * bm:(b + 1) * bm]
-        tile = tile[tile < flat.numel()]
+        tile = tile[tile < P]
         if e < 0:
+            seen_end = True
             assert tile.numel() == 0
         else:
+            assert not seen_end, "a live tile after the end marker"
             assert tile.numel() > 0 and (flat[tile.long()] == e).all()  # one expert per tile, no empty tiles
+    return pairs, experts
+
+
+@pytest.mark.parametrize("T,E,k,bm,used", [(11, 6, 2, 4, 4), (1, 8, 2, 16, None), (70, 5, 3, 4, None),
+                                           (40, 200, 8, 16, None)])
+def test_moe_align(T, E, k, bm, used):
+    """Chunks of the single-program kernel: 70*3 pairs cross several; 200 experts pad to 256 columns."""
+    _, ids = routing(T, E, k, used=used)
+    _check_alignment(ids, E, bm)
+
+
+def test_moe_align_skips_other_ranks_experts():
+    """Expert parallel: id -1 marks an expert on another rank; its pair is not placed and no tile is spent on it."""
+    _, ids = routing(9, 6, 3)
+    ids[::2, 0] = -1
+    ids[4] = -1
+    _, experts = _check_alignment(ids, 6, 4)
+    live = ids[ids >= 0]
+    assert (experts >= 0).sum().item() == sum(-(-int((live == e).sum()) // 4) for e in range(6))
+    everything_elsewhere = torch.full_like(ids, -1)
+    pairs, experts = triton_moe.align(everything_elsewhere, 6, 4)
+    assert (experts.cpu() == -1).all() and (pairs.cpu() == ids.numel()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_moe_other_ranks_experts(dtype):
+    """Pairs with expert -1 add nothing: the same output as routing them to any expert with weight 0."""
+    T, E, k, H, I = 7, 6, 3, 40, 24
+    x = randn(T, H, dtype=dtype)
+    w13, w2 = randn(E, 2 * I, H, dtype=dtype, scale=0.2), randn(E, H, I, dtype=dtype, scale=0.2)
+    weights, ids = routing(T, E, k)
+    elsewhere = torch.rand(T, k, device=DEVICE) < 0.4
+    elsewhere[0] = True                                  # a token with no local expert at all
+    got = run(triton_moe.fused_moe, x, w13, w2, weights, torch.where(elsewhere, -1, ids))
+    want = ref.fused_moe(x, w13, w2, torch.where(elsewhere, 0.0, weights), ids)
+    check(got, want, dtype)
+    assert (got[0] == 0).all()
+
+
+@pytest.mark.parametrize("k,E,norm,groups", [(2, 8, True, 1), (8, 40, True, 1), (3, 16, False, 1), (4, 16, True, 4)])
+def test_moe_route(k, E, norm, groups):
+    """Sigmoid scores, top-k by score + bias, unbiased weights normalised and scaled: the torch path's choice
+    (as a set per token) and weights; group-limited routing (n_group > 1) is the torch path's."""
+    T, H = 9, 32
+    x, gate, bias = randn(T, H), randn(E, H, scale=0.5), randn(E, scale=0.3)
+    got_w, got_ids = run(triton_moe.moe_route, x, gate, bias, k, groups, min(groups, 2), norm, 2.5)
+    want_w, want_ids = ref.moe_route(x, gate, bias, k, groups, min(groups, 2), norm, 2.5)
+    assert got_ids.dtype == want_ids.dtype and got_w.dtype == want_w.dtype == torch.float32
+    got_order, want_order = got_ids.sort(-1), want_ids.sort(-1)
+    assert torch.equal(got_order.values, want_order.values)
+    check(got_w.gather(1, got_order.indices), want_w.gather(1, want_order.indices), torch.float32)
 
 
 def test_moe_tuned_config(monkeypatch):
-    """A tuned table is looked up by (E, N) and the nearest M bucket at or above M; a non-default tile (with
-    launch-order grouping) computes the same thing."""
-    table = {"E=8,N=24": {"4": {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 4,
+    """A tuned table is looked up by (E, N, dtype) and the nearest M bucket at or above M (a table of another
+    dtype is never used); a non-default tile (with launch-order grouping) computes the same thing."""
+    table = {"E=8,N=24,dtype=float32": {"4": {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 4,
                                 "num_stages": 2},
                           "64": {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 1, "num_warps": 4,
                                  "num_stages": 2}}}
     monkeypatch.setattr(triton_moe, "_config_file", lambda name: table)
     triton_moe.get_config.cache_clear()
     try:
-        assert triton_moe.get_config(3, 8, 24, 2)["BLOCK_M"] == 32
-        assert triton_moe.get_config(5, 8, 24, 2)["BLOCK_K"] == 64
-        assert triton_moe.get_config(500, 8, 24, 2)["BLOCK_K"] == 64
-        assert triton_moe.get_config(5, 8, 48, 2) == triton_moe.default_config(5, 8, 2)
+        f32 = torch.float32
+        assert triton_moe.get_config(3, 8, 24, 2, f32)["BLOCK_M"] == 32
+        assert triton_moe.get_config(5, 8, 24, 2, f32)["BLOCK_K"] == 64
+        assert triton_moe.get_config(500, 8, 24, 2, f32)["BLOCK_K"] == 64
+        assert triton_moe.get_config(5, 8, 48, 2, f32) == triton_moe.default_config(5, 8, 48, 2, f32)
+        assert triton_moe.get_config(5, 8, 24, 2, torch.bfloat16) == triton_moe.default_config(5, 8, 24, 2,
+                                                                                                torch.bfloat16)
         T, E, k, H, I = 37, 8, 2, 40, 24
         x = randn(T, H)
         w13, w2 = randn(E, 2 * I, H, scale=0.2), randn(E, H, I, scale=0.2)
         weights, ids = routing(T, E, k)
         expected = ref.fused_moe(x, w13, w2, weights, ids)
         check(run(triton_moe.fused_moe, x, w13, w2, weights, ids), expected, torch.float32)
-        grouped = table["E=8,N=24"]["4"]
+        grouped = table["E=8,N=24,dtype=float32"]["4"]
         check(run(triton_moe.fused_moe, x, w13, w2, weights, ids, config=grouped), expected, torch.float32)
     finally:
         triton_moe.get_config.cache_clear()
@@ -223,8 +284,9 @@ def test_backend_tables():
     assert torch_ops.name == "torch" and torch_ops.rms_norm is ref.rms_norm and torch_ops.moe_route is ref.moe_route
     tri = kernels.select("triton", DEVICE)              # on a CPU: TRITON_INTERPRET=1 (tests/conftest.py)
     assert tri.name == "triton" and tri.rms_norm is triton_norm.rms_norm
-    assert tri.fused_moe is triton_moe.fused_moe and tri.paged_attention is triton_attention.paged_attention
-    assert tri.moe_route is ref.moe_route and tri.argmax is ref.argmax        # no Triton kernel: torch
+    assert tri.fused_moe.__module__.startswith("exaserve.kernels.triton_")   # triton_moe's, or FP8's in front
+    assert tri.paged_attention is triton_attention.paged_attention
+    assert tri.moe_route is triton_moe.moe_route and tri.argmax is ref.argmax   # argmax: no Triton kernel
     auto = kernels.select("auto", DEVICE).name
     assert auto == ("triton" if DEVICE == "cuda" else "cpu" if kernels.cpu.available() else "torch")
 
