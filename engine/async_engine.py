@@ -41,9 +41,9 @@ class RequestFailedError(RuntimeError):
 
 class AsyncEngine:
     def __init__(self, model: str | EngineConfig, *, env: envs.Env | None = None, **engine_args):
-        """model: a checkpoint directory, with EngineConfig's options as keyword arguments; or an EngineConfig.
-        env: the EXASERVE_* settings when the caller has read them already. The config is validated here, in the
-        caller's thread; the engine is built in the engine thread."""
+        """model: a checkpoint directory, with EngineConfig's options as keyword arguments (enable_prefix_caching=False
+        turns the prefix cache off); or an EngineConfig. env: the EXASERVE_* settings when the caller has read them
+        already. The config is validated here, in the caller's thread; the engine is built in the engine thread."""
         config = EngineConfig.of(model, engine_args)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -98,6 +98,8 @@ class AsyncEngine:
                 "load_seconds": core.load_seconds, "num_blocks": kv.paged.num_blocks,
                 "block_size": kv.paged.block_size, "paged_bytes": kv.paged.nbytes, "ring_slots": kv.ring.num_slots,
                 "ring_len": kv.ring.ring_len, "ring_bytes": kv.ring.nbytes, "max_model_len": core.max_model_len,
+                "prefix_caching": core.scheduler.prefix_caching, "snapshot_blocks": kv.ring.num_snapshot_blocks,
+                "snapshot_bytes": kv.ring.snapshot_nbytes,
                 "num_speculative_tokens": core.num_speculative_tokens,
                 "tensor_parallel_size": core.par.size, "expert_parallel": core.par.expert_parallel}
 
@@ -132,6 +134,15 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
+
+    async def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt prefix (done by the engine thread between steps; returns once done)."""
+        if not self.is_healthy():
+            raise EngineDeadError(f"the engine stopped: {self.failure!r}")
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._send(("reset_prefix_cache", loop, done))
+        await done
 
     def is_healthy(self) -> bool:
         """False once the engine thread has stopped on an error, or a tensor-parallel worker has died, even
@@ -214,6 +225,10 @@ class AsyncEngine:
                 except Exception as e:  # a bug met by one request fails that request, not the engine
                     log.exception("adding request %s failed", rid)
                     self._post(rid, RequestFailedError(f"engine error: {type(e).__name__}: {e}"))
+            elif msg[0] == "reset_prefix_cache":
+                _, loop, done = msg
+                self.core.reset_prefix_cache()
+                loop.call_soon_threadsafe(_resolve, done)
             else:
                 d = self.core.abort(msg[1])
                 if d is not None:
@@ -244,6 +259,11 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # that event loop has closed (its process is shutting down): nobody to tell
                 pass
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():        # its waiter may have been cancelled
+        future.set_result(None)
 
 
 def _put_all(items) -> None:

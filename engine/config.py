@@ -36,6 +36,7 @@ class EngineConfig:
     block_size: int = 16                 # tokens per block of the paged (global-layer) pool
     num_speculative_tokens: int = 0      # MTP draft tokens per step, 0 = off
     spec_max_batch_size: int = 32        # no drafting in steps with more running requests than this
+    enable_prefix_caching: bool = True   # reuse the KV of cached prompt prefixes (engine/kv_cache.py)
     tensor_parallel_size: int = 1        # ranks the model is split over (engine/parallel.py, engine/distributed.py)
     enable_expert_parallel: bool = False  # with tensor_parallel_size > 1: whole experts per rank instead of slices
     quantization: str | None = None      # "fp8": block-FP8 linear weights quantized at load (engine/loader.py)
@@ -78,8 +79,9 @@ class EngineConfig:
             _check_int("master_port", self.master_port, low=1, high=65535)
         elif self.nnodes > 1:
             raise ConfigError("nnodes > 1 needs master_port (and master_addr): where the nodes' ranks meet")
-        if not isinstance(self.enable_expert_parallel, bool):
-            raise ConfigError(f"enable_expert_parallel must be true or false, got {self.enable_expert_parallel!r}")
+        for name in ("enable_expert_parallel", "enable_prefix_caching"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @classmethod
     def of(cls, model: "str | Path | EngineConfig", options: dict) -> "EngineConfig":

@@ -149,8 +149,12 @@ class ShardedModel:
             raise WorkerError(f"rank 0 failed in the middle of a tensor-parallel step, which leaves the ranks out "
                               f"of step: {type(exc).__name__}: {exc}") from exc
 
-    def forward(self, input_ids, positions, meta, kv, before_compute=None):
-        self._broadcast(("forward", _cpu((input_ids, positions, meta))))
+    def forward(self, input_ids, positions, meta, kv, before_compute=None, ring_copies=None):
+        """ring_copies: (src, dst) rows copied in every ring layer before the forward, on every rank (the
+        prefix cache's snapshot saves and restores; each rank's pools hold its kv heads)."""
+        self._broadcast(("forward", _cpu((input_ids, positions, meta, *(ring_copies or ())))))
+        if ring_copies is not None:
+            kv.ring.copy_rows(*ring_copies)
         return self._run(self.local.forward, input_ids, positions, meta, kv, before_compute)
 
     def compute_logits(self, hidden):
@@ -203,7 +207,9 @@ def serve_calls(model, kv, control_group, device) -> None:
             if name == "stop":
                 return
             if name == "forward":
-                model.forward(*args, kv)
+                if len(args) > 3:           # the step's ring copies come first
+                    kv.ring.copy_rows(*args[3:])
+                model.forward(*args[:3], kv)
             elif name == "compute_logits":
                 model.compute_logits(*args)
             elif name == "mtp_forward":

@@ -96,7 +96,8 @@ class _Plan:
                               max_model_len=self.max_model_len, block_size=c.block_size,
                               max_rollback=c.num_speculative_tokens,
                               extra_ring_layers=1 if c.num_speculative_tokens else 0, dtype=self.dtype,
-                              device=self.device, num_kv_heads=par.kv_heads(self.cfg.num_kv_heads)[1])
+                              device=self.device, num_kv_heads=par.kv_heads(self.cfg.num_kv_heads)[1],
+                              prefix_caching=c.enable_prefix_caching)
 
 
 def _worker_main(rank: int, config: EngineConfig, env: envs.Env) -> None:
@@ -183,7 +184,9 @@ class EngineCore:
             runner_model = self._sharded = distributed.ShardedModel(self.model, control, self._workers)
         self.kv = plan.kv_cache(c, kv_cache_memory, self.par)
         self.scheduler = Scheduler(self.kv, max_num_seqs=c.max_num_seqs,
-                                   max_num_batched_tokens=c.max_num_batched_tokens, max_model_len=self.max_model_len)
+                                   max_num_batched_tokens=c.max_num_batched_tokens, max_model_len=self.max_model_len,
+                                   enable_prefix_caching=c.enable_prefix_caching,
+                                   window=self.model_config.sliding_window, mtp=c.num_speculative_tokens > 0)
         self.runner = ModelRunner(runner_model, self.kv, self.device, c.num_speculative_tokens,
                                   c.spec_max_batch_size, cpu_model)
         self.requests: dict[str, Request] = {}
@@ -277,6 +280,11 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix; requests in flight keep what they hold."""
+        self.scheduler.reset_prefix_cache()
+        log.info("prefix cache reset")
+
     # -- the step -------------------------------------------------------------------------------------------
     def step(self, before_forward=None) -> list[DeltaOutput]:
         """One scheduler step. `before_forward` (optional) is called once, just before the model runs.
@@ -286,8 +294,13 @@ class EngineCore:
         batch = self.scheduler.schedule()
         if not batch.requests:
             return []
-        result = self.runner.execute(batch, before_forward)
-        drafts = self.runner.propose(batch, result) if self.num_speculative_tokens else None
+        try:
+            result = self.runner.execute(batch, before_forward)
+            drafts = self.runner.propose(batch, result) if self.num_speculative_tokens else None
+        except Exception:
+            # the step's snapshot copies may be half done: no later request may read what they wrote
+            self.scheduler.reset_prefix_cache()
+            raise
         self.counters["steps"] += 1
         deltas = []
         for req in self.scheduler.update(batch, result, drafts):
@@ -304,13 +317,14 @@ class EngineCore:
                 text = req.detok.delta(req.finished)
                 req.num_sent = len(req.output_token_ids)
                 return DeltaOutput(req.request_id, new_ids, text, new_lp, req.finished, req.finish_reason,
-                                   req.stop_reason, len(req.prompt_token_ids), len(req.output_token_ids))
+                                   req.stop_reason, len(req.prompt_token_ids), len(req.output_token_ids),
+                                   num_cached_tokens=req.num_cached_tokens)
             except Exception as e:  # a bug met by one request fails that request alone
                 log.exception("request %s: building its output failed", req.request_id)
                 self.scheduler.fail(req, f"building the output failed: {type(e).__name__}: {e}")
         self.counters["failed"] += 1
         return DeltaOutput(req.request_id, [], "", None, True, "error", None, len(req.prompt_token_ids),
-                           len(req.output_token_ids), error=req.error)
+                           len(req.output_token_ids), error=req.error, num_cached_tokens=req.num_cached_tokens)
 
     def stats(self) -> dict:
         kv = self.kv
@@ -319,4 +333,7 @@ class EngineCore:
                 "ring_slots_used": kv.ring.num_used, "ring_slots_total": kv.ring.num_slots,
                 "preemptions": self.scheduler.num_preemptions, "prompt_tokens": self.scheduler.num_prompt_tokens,
                 "generation_tokens": self.scheduler.num_generation_tokens, "finished": self.scheduler.num_finished,
+                "prefix_cache_queries": self.scheduler.prefix_cache_queries,
+                "prefix_cache_hits": self.scheduler.prefix_cache_hits, "cached_blocks": kv.paged.num_cached,
+                "cached_snapshots": len(kv.ring.snapshots),
                 **self.counters, **(self.runner.spec_stats.as_dict() if self.num_speculative_tokens else {})}

@@ -17,7 +17,8 @@ from exaserve.engine.sampling_params import SamplingParams
 
 class LLM:
     def __init__(self, model: str | EngineConfig, **engine_args):
-        """model: a checkpoint directory, with EngineConfig's options as keyword arguments; or an EngineConfig."""
+        """model: a checkpoint directory, with EngineConfig's options as keyword arguments (enable_prefix_caching=False
+        turns the prefix cache off); or an EngineConfig."""
         self.engine = EngineCore(EngineConfig.of(model, engine_args))
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
@@ -51,6 +52,10 @@ class LLM:
                    for conversation in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt prefix."""
+        self.engine.reset_prefix_cache()
+
     def _run(self, prompts: list[list[int]], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
         """Each prompt's n completions run as n engine requests; stepped until all are done."""
         request_ids, groups = [], []   # per prompt: its id, and its engine requests
@@ -82,7 +87,9 @@ class LLM:
         finally:
             if bar is not None:
                 bar.close()
-        return [RequestOutput(rid, group[0].prompt_token_ids, [_completion(i, r) for i, r in enumerate(group)])
+        # cached tokens of the prompt: the fewest any of its choices found (the first computes what the rest reuse)
+        return [RequestOutput(rid, group[0].prompt_token_ids, [_completion(i, r) for i, r in enumerate(group)],
+                              num_cached_tokens=min(r.num_cached_tokens for r in group))
                 for rid, group in zip(request_ids, groups)]
 
 

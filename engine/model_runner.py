@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from exaserve.engine.cpu_model import CpuModel
+from exaserve.engine.distributed import ShardedModel
 from exaserve.engine.kv_cache import KVCache
 from exaserve.engine.model import AttnMetadata, ExaoneMoeModel
 from exaserve.engine.request import Request
@@ -38,6 +39,9 @@ class ModelRunner:
         self.spec_max_batch_size = spec_max_batch_size
         self.spec_stats = SpecStats(num_speculative_tokens)
         self._hidden = None
+        self.window = model.cfg.sliding_window or 0
+        # under tensor parallelism the ring copies travel with the forward call, to run on every rank
+        self._copies_in_forward = isinstance(model, ShardedModel)
 
     def _t(self, x, dtype=torch.int64):
         return torch.tensor(x, dtype=dtype, device=self.device)
@@ -47,15 +51,27 @@ class ModelRunner:
 
         All index lists go into two tensors (int64 and int32) that are then cut into views: one allocation and
         copy per dtype instead of one per list (each costs ~5 us on CPU, which adds up at batch 1). `rows`
-        (optional): hidden rows to sample, returned as a fourth value (int64)."""
-        ring_len = self.kv.ring.ring_len
+        (optional): hidden rows to sample, returned as a fourth value (int64).
+
+        A position of a block whose ring snapshot the request is writing (prefix caching) goes straight into
+        the snapshot when the ring will not need it (before the chunk's last window - 1 positions); the
+        scheduler copies the rest from the ring at the start of the next step."""
+        ring, bs = self.kv.ring, self.kv.paged.block_size
+        ring_len = ring.ring_len
         qsl, seq_lens, ring_rows = [0], [], []
         for r, start, n in zip(reqs, starts, counts):
             qsl.append(qsl[-1] + n)
             seq_lens.append(start + n)
             # only a chunk's last ring_len tokens survive in the ring; earlier ones would be overwritten
             keep_from, base = start + n - ring_len, r.ring_slot * ring_len
-            ring_rows += [base + p % ring_len if p >= keep_from else -1 for p in range(start, start + n)]
+            if r.snapshot_targets:
+                direct_to, targets = start + n - self.window + 1, r.snapshot_targets
+                for p in range(start, start + n):
+                    block = targets.get(p // bs) if p < direct_to else None
+                    ring_rows.append(ring.snapshot_row(block, p % bs) if block is not None
+                                     else base + p % ring_len if p >= keep_from else -1)
+            else:
+                ring_rows += [base + p % ring_len if p >= keep_from else -1 for p in range(start, start + n)]
         width = max((len(t) for t in tables), default=0) if tables is not None else 0
         table = [b for t in tables for b in (*t, *[0] * (width - len(t)))] if width else []
         wide = (ids, pos, slots, [r.ring_slot for r in reqs], ring_rows, rows)
@@ -105,6 +121,7 @@ class ModelRunner:
             # logits, or up to their tokens when every one of them takes the plain argmax
             greedy = all(map(plain_greedy, sample_rows))
             input_ids, positions, meta, rows = self.prepare(batch, rows_plain)
+            self._copy_ring_rows(batch)
             out = self.cpu_model.rows_step(input_ids, positions, meta, self.kv, rows, greedy, before_forward)
             if greedy:
                 for s, tok in zip(plain, out.tolist()):
@@ -117,13 +134,23 @@ class ModelRunner:
                 self._sample(result, batch, plain, out, sample_rows)
             return result
         input_ids, positions, meta = self.prepare(batch)
-        hidden = self.forward(input_ids, positions, meta, self.kv, before_forward)
+        if self._copies_in_forward:
+            copies = (self._t(batch.copy_src), self._t(batch.copy_dst)) if batch.copy_src else None
+            hidden = self.model.forward(input_ids, positions, meta, self.kv, before_forward, ring_copies=copies)
+        else:
+            self._copy_ring_rows(batch)
+            hidden = self.forward(input_ids, positions, meta, self.kv, before_forward)
         self._hidden = hidden
         if plain:
             self._sample(result, batch, plain, self.model.compute_logits(hidden[rows_plain]), sample_rows)
         if spec:
             self._verify(result, batch, spec, self.model.compute_logits(hidden[rows_spec]))
         return result
+
+    def _copy_ring_rows(self, batch: ScheduledBatch) -> None:
+        """The step's ring copies (snapshot saves and restores, ScheduledBatch), before its forward."""
+        if batch.copy_src:
+            self.kv.ring.copy_rows(self._t(batch.copy_src), self._t(batch.copy_dst))
 
     def _sample(self, result: StepResult, batch: ScheduledBatch, plain: list[int], logits: torch.Tensor,
                 rows: list[SamplingRow]) -> None:

@@ -20,6 +20,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool = True
+    num_cached_tokens: int = 0                    # prompt tokens found in the prefix cache (none computed twice)
 
 
 @dataclass
@@ -34,3 +35,4 @@ class DeltaOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     error: str | None = None                      # with finish_reason "error": what failed this request alone
+    num_cached_tokens: int = 0                    # prompt tokens its first admission found in the prefix cache

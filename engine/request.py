@@ -38,6 +38,13 @@ class Request:
     detok: object = None                # IncrementalDetokenizer
     num_sent: int = 0                   # output tokens already handed out in deltas
     spec_token_ids: list[int] = field(default_factory=list)   # MTP drafts to verify in the next step
+    # prefix caching (engine/kv_cache.py): the names of its full prompt blocks, how many of its blocks are
+    # registered in the cache, the snapshot blocks it is writing (block index -> snapshot block), and the prompt
+    # tokens its first admission found cached
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered_blocks: int = 0
+    snapshot_targets: dict[int, int] = field(default_factory=dict)
+    num_cached_tokens: int = 0
     token_ids: list[int] = field(init=False)   # prompt + output, appended as tokens are sampled
 
     def __post_init__(self):

@@ -87,6 +87,9 @@ def _serve_parser() -> argparse.ArgumentParser:
                         help="MTP draft tokens per step, 0 = off (needs the checkpoint's mtp.* weights)")
     parser.add_argument("--spec-max-batch-size", type=_positive, default=32,
                         help="no drafting in steps with more running requests than this")
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                        help="reuse the KV cache of prompt prefixes computed before, exactly (sliding-window rings "
+                        "included); --no-enable-prefix-caching turns it off")
     parser.add_argument("-tp", "--tensor-parallel-size", type=_positive, default=1,
                         help="split the model over this many ranks (GPUs; processes on a CPU)")
     parser.add_argument("--enable-expert-parallel", action="store_true",
@@ -142,7 +145,10 @@ def _describe_pools(info: dict) -> str:
              if tp > 1 else "")
     return (f"{ranks}KV pools: {info['num_blocks']} blocks x {info['block_size']} tokens for global layers "
             f"({info['paged_bytes'] / mib:.1f} MiB), {info['ring_slots']} ring slots x {info['ring_len']} tokens "
-            f"for sliding layers ({info['ring_bytes'] / mib:.1f} MiB); max_model_len {info['max_model_len']}"
+            f"for sliding layers ({info['ring_bytes'] / mib:.1f} MiB)"
+            + (f"; prefix caching with {info['snapshot_blocks']} ring snapshot blocks "
+               f"({info['snapshot_bytes'] / mib:.1f} MiB)" if info["prefix_caching"] else "; prefix caching off")
+            + f"; max_model_len {info['max_model_len']}"
             + (f"; MTP speculative decoding with {spec} draft tokens" if spec else ""))
 
 
@@ -154,14 +160,18 @@ async def _log_stats(engine) -> None:
         stats, now = engine.stats(), time.monotonic()
         prompt = stats["prompt_tokens"] - last["prompt_tokens"]
         generated = stats["generation_tokens"] - last["generation_tokens"]
-        if prompt or generated or stats["running"] or stats["waiting"]:
+        queries = stats["prefix_cache_queries"] - last["prefix_cache_queries"]
+        if prompt or generated or queries or stats["running"] or stats["waiting"]:
             elapsed = now - last_time
+            hits = stats["prefix_cache_hits"] - last["prefix_cache_hits"]
             log.info("Running: %d reqs, Waiting: %d reqs, Prompt: %.1f tokens/s, Generation: %.1f tokens/s, "
-                     "KV blocks: %.1f%% (%d/%d), Ring slots: %.1f%% (%d/%d), Preemptions: %d",
+                     "KV blocks: %.1f%% (%d/%d), Ring slots: %.1f%% (%d/%d), Preemptions: %d, "
+                     "Prefix cache hit rate: %.1f%%",
                      stats["running"], stats["waiting"], prompt / elapsed, generated / elapsed,
                      100 * stats["blocks_used"] / max(1, stats["blocks_total"]), stats["blocks_used"],
                      stats["blocks_total"], 100 * stats["ring_slots_used"] / max(1, stats["ring_slots_total"]),
-                     stats["ring_slots_used"], stats["ring_slots_total"], stats["preemptions"])
+                     stats["ring_slots_used"], stats["ring_slots_total"], stats["preemptions"],
+                     100 * hits / max(1, queries))
             if "acceptance_per_position" in stats:
                 log.info("Speculative decoding: acceptance per position %s, mean emitted per verify %.2f, "
                          "drafting off in %d steps (batch too large)",

@@ -61,6 +61,12 @@ class ApiError(Exception):
                             code=self.status)
 
 
+def _cached_tokens(cached: list[int], n: int) -> int:
+    """Prompt tokens served from the prefix cache, for usage: per prompt the fewest any of its n choices (choices
+    k*n .. k*n+n-1) found, as the first to run computes what the others reuse."""
+    return sum(min(cached[k:k + n]) for k in range(0, len(cached), n))
+
+
 def _json(body: dict, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
@@ -428,7 +434,9 @@ class OpenAIServer:
         parsed = [[] for _ in choices]
         logprobs = [[] for _ in choices]
         reasons = [None] * len(choices)
+        cached = [0] * len(choices)
         async for i, delta in gen:
+            cached[i] = delta.num_cached_tokens
             parsed[i].append(choices[i].feed(delta))
             if top_n is not None:
                 logprobs[i] += self.token_logprobs(delta.token_ids, delta.logprobs, top_n)
@@ -441,7 +449,7 @@ class OpenAIServer:
             out.append(p.chat_choice(i, message, reasons[i], p.chat_logprobs(logprobs[i]) if top_n is not None
                                      else None))
         completion_tokens = sum(c.num_output_tokens for c in choices)
-        return p.chat_response(*meta, out, p.usage(prompt_len, completion_tokens))
+        return p.chat_response(*meta, out, p.usage(prompt_len, completion_tokens, _cached_tokens(cached, len(choices))))
 
     async def _chat_events(self, gen, choices, meta, prompt_len, top_n, include_usage) -> AsyncIterator[bytes]:
         def chunk(i, delta, finish_reason=None, logprobs=None):
@@ -449,7 +457,9 @@ class OpenAIServer:
 
         for i in range(len(choices)):
             yield chunk(i, {"role": "assistant", "content": ""})
+        cached = [0] * len(choices)
         async for i, delta in gen:
+            cached[i] = delta.num_cached_tokens
             parsed = choices[i].feed(delta)
             # Reasoning, then content, then each tool-call piece (header, then arguments) in its own chunk.
             deltas = [d for d in (p.chat_delta(reasoning=parsed.reasoning), p.chat_delta(content=parsed.content)) if d]
@@ -464,7 +474,8 @@ class OpenAIServer:
                 yield chunk(i, {}, choices[i].finish_reason(delta.finish_reason))
         if include_usage:
             completion_tokens = sum(c.num_output_tokens for c in choices)
-            yield p.sse_event(p.chat_chunk(*meta, [], p.usage(prompt_len, completion_tokens)))
+            yield p.sse_event(p.chat_chunk(*meta, [], p.usage(prompt_len, completion_tokens,
+                                                               _cached_tokens(cached, len(choices)))))
 
     # -- text completions ----------------------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
@@ -487,17 +498,19 @@ class OpenAIServer:
         prompt_tokens = sum(map(len, prompts))
         if body.stream:
             return self.stream(gen, self._completion_events(gen, echoes, meta, prompt_tokens, body.logprobs,
-                                                            body.include_usage))
-        result = await self.until_disconnect(request, gen,
-                                             self._completion_full(gen, echoes, meta, prompt_tokens, body.logprobs))
+                                                            body.include_usage, body.n))
+        result = await self.until_disconnect(request, gen, self._completion_full(gen, echoes, meta, prompt_tokens,
+                                                                                 body.logprobs, body.n))
         return _json(result) if result is not None else Response(status_code=499)
 
-    async def _completion_full(self, gen, echoes, meta, prompt_tokens, top_n) -> dict:
+    async def _completion_full(self, gen, echoes, meta, prompt_tokens, top_n, n) -> dict:
         texts = list(echoes)
         logprobs = [[] for _ in echoes]
         reasons = [None] * len(echoes)
+        cached = [0] * len(echoes)
         completion_tokens = 0
         async for i, delta in gen:
+            cached[i] = delta.num_cached_tokens
             texts[i] += delta.text
             if top_n is not None:
                 logprobs[i] += self.token_logprobs(delta.token_ids, delta.logprobs, top_n)
@@ -506,15 +519,19 @@ class OpenAIServer:
                 completion_tokens += delta.num_output_tokens
         choices = [p.completion_choice(i, texts[i], reasons[i], p.completion_logprobs(logprobs[i], len(echoes[i]))
                                        if top_n is not None else None) for i in range(len(echoes))]
-        return p.completion_response(*meta, choices, p.usage(prompt_tokens, completion_tokens))
+        return p.completion_response(*meta, choices, p.usage(prompt_tokens, completion_tokens,
+                                                             _cached_tokens(cached, n)))
 
-    async def _completion_events(self, gen, echoes, meta, prompt_tokens, top_n, include_usage) -> AsyncIterator[bytes]:
+    async def _completion_events(self, gen, echoes, meta, prompt_tokens, top_n, include_usage,
+                                 n) -> AsyncIterator[bytes]:
         offsets = [len(e) for e in echoes]  # where the next text starts in each choice, for text_offset
         for i, echo in enumerate(echoes):
             if echo:
                 yield p.sse_event(p.completion_response(*meta, [p.completion_choice(i, echo, None)]))
         completion_tokens = 0
+        cached = [0] * len(echoes)
         async for i, delta in gen:
+            cached[i] = delta.num_cached_tokens
             logprobs = None
             if top_n is not None:
                 logprobs = p.completion_logprobs(self.token_logprobs(delta.token_ids, delta.logprobs, top_n),
@@ -528,7 +545,8 @@ class OpenAIServer:
             if delta.finished:
                 completion_tokens += delta.num_output_tokens
         if include_usage:
-            yield p.sse_event(p.completion_response(*meta, [], p.usage(prompt_tokens, completion_tokens)))
+            yield p.sse_event(p.completion_response(*meta, [], p.usage(prompt_tokens, completion_tokens,
+                                                                       _cached_tokens(cached, n))))
 
     # -- small endpoints -----------------------------------------------------------------------------------
     async def tokenize(self, request: Request) -> Response:
@@ -570,6 +588,11 @@ class OpenAIServer:
 
     async def version(self) -> Response:
         return _json({"version": __version__})
+
+    async def reset_prefix_cache(self) -> Response:
+        """POST /reset_prefix_cache: forget every cached prompt prefix (e.g. after a benchmark's warm-up)."""
+        await self.engine.reset_prefix_cache()
+        return Response(status_code=200)
 
     async def metrics_text(self) -> Response:
         return Response(self.metrics.render(self.engine.stats()), media_type=CONTENT_TYPE)
@@ -615,6 +638,7 @@ def build_app(engine, *, served_model_name: str, api_key: str | None = None, cha
     guarded.add_api_route("/v1/completions", server.completions, methods=["POST"])
     guarded.add_api_route("/tokenize", server.tokenize, methods=["POST"])
     guarded.add_api_route("/detokenize", server.detokenize, methods=["POST"])
+    guarded.add_api_route("/reset_prefix_cache", server.reset_prefix_cache, methods=["POST"])
     app.include_router(open_routes)
     app.include_router(guarded)
     return app

@@ -93,6 +93,10 @@ class Metrics:
                      "Requests aborted before they finished (client gone).", stats["aborted"]),
             *_scalar("counter", "exaserve_preemptions_total", "Running requests preempted for KV memory.",
                      stats["preemptions"]),
+            *_scalar("counter", "exaserve_prefix_cache_queries_total",
+                     "Prompt tokens looked up in the prefix cache.", stats["prefix_cache_queries"]),
+            *_scalar("counter", "exaserve_prefix_cache_hits_total",
+                     "Prompt tokens found in the prefix cache (not computed).", stats["prefix_cache_hits"]),
             *_scalar("counter", "exaserve_requests_rejected_total", "Requests refused with 429 (queue full).",
                      self.rejected),
         ]

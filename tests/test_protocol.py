@@ -230,13 +230,15 @@ def test_response_builders():
     rid = new_request_id("chatcmpl")
     assert rid.startswith("chatcmpl-") and rid != new_request_id("chatcmpl")
     call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
-    body = chat_response(rid, "m", 123, [chat_choice(0, chat_message(None, "why", [call]), "tool_calls")], usage(3, 4))
+    body = chat_response(rid, "m", 123, [chat_choice(0, chat_message(None, "why", [call]), "tool_calls")],
+                         usage(3, 4, 2))
     assert body == {
         "id": rid, "object": "chat.completion", "created": 123, "model": "m",
         "choices": [{"index": 0, "logprobs": None, "finish_reason": "tool_calls",
                      "message": {"role": "assistant", "content": None, "reasoning_content": "why", "reasoning": "why",
                                  "tool_calls": [call]}}],
-        "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
+        "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
+                  "prompt_tokens_details": {"cached_tokens": 2}},
     }
     chunk = chat_chunk(rid, "m", 123, [chat_chunk_choice(0, chat_delta(content="Hi", reasoning=""))])
     assert "usage" not in chunk and chunk["object"] == "chat.completion.chunk"

@@ -256,7 +256,7 @@ def test_tp2_with_preemption_n_and_top_logprobs_equals_one_rank(checkpoint):
             llm.engine.close()
 
     (one, s1), (two, s2) = run(1), run(2)
-    assert s1["blocks_total"] == s2["blocks_total"] == 30
+    assert s1["blocks_total"] == s2["blocks_total"] == 30 * 7 // 8      # prefix caching: 1/8 to ring snapshots
     assert s1["preemptions"] > 0 and s1["preemptions"] == s2["preemptions"]
     for a, b in zip(one, two):
         assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
