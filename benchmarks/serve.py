@@ -6,7 +6,13 @@ Sends a fixed-seed workload over streaming HTTP and measures what users feel:
         --dataset random --input-len 256 --output-len 128 --num-prompts 64 --max-concurrency 8
 
 Datasets: "random" (random token ids of the vocabulary sent as token-id prompts to /v1/completions,
-or decoded to text with --text) and "chat" (synthetic messages of words to /v1/chat/completions).
+or decoded to text with --text) and "chat" (synthetic messages of words to /v1/chat/completions); two that
+measure prefix caching, both chat: "shared-prefix" (every request starts with the same system prompt of
+--shared-len tokens, then a user message of --input-len of its own) and "multi-turn" (--num-prompts
+conversations of --turns turns; each turn resends the whole history, the server's earlier answers included,
+so a turn can start only when the previous one has ended). --reset-prefix-cache asks the server (POST
+/reset_prefix_cache; exaserve, vLLM in its dev mode) to drop its cache before each level, so levels do not
+reuse each other's prompts. The cached share of the prompt tokens comes from usage.prompt_tokens_details.
 Lengths are fixed ("256") or uniform over a range ("128:512"). Requests arrive as a Poisson process at
 --request-rate (gaps drawn from a gamma distribution; --burstiness < 1 is burstier, > 1 more regular)
 or all at once (inf), at most --max-concurrency in flight.
@@ -136,9 +142,19 @@ def token_pool(tokenizer, vocab_size: int, min_token_id: int) -> list[int]:
 
 
 def build_prompts(args, tokenizer) -> list[Prompt]:
+    """The requests of the workload; for multi-turn, each conversation's first turn (build_conversations)."""
     rng = random.Random(args.seed)
     prompts = []
-    if args.dataset == "random":
+    if args.dataset == "shared-prefix":
+        system = chat_text(random.Random(args.seed - 1), args.shared_len, tokenizer)
+        for _ in range(args.num_prompts):
+            n_in, n_out = args.input_len.draw(rng), args.output_len.draw(rng)
+            messages = [{"role": "system", "content": system},
+                        {"role": "user", "content": chat_text(rng, n_in, tokenizer)}]
+            prompts.append(Prompt({"messages": messages}, args.shared_len + n_in, n_out))
+    elif args.dataset == "multi-turn":
+        return [turns[0] for turns in build_conversations(args, tokenizer)]
+    elif args.dataset == "random":
         pool = token_pool(tokenizer, args.vocab_size, args.min_token_id)
         for _ in range(args.num_prompts):
             n_in, n_out = args.input_len.draw(rng), args.output_len.draw(rng)
@@ -151,6 +167,13 @@ def build_prompts(args, tokenizer) -> list[Prompt]:
             prompts.append(Prompt({"messages": [{"role": "user", "content": chat_text(rng, n_in, tokenizer)}]},
                                   n_in, n_out))
     return prompts
+
+
+def build_conversations(args, tokenizer) -> list[list[Prompt]]:
+    """multi-turn: per conversation, its user messages (one Prompt per turn, body {"user": text})."""
+    rng = random.Random(args.seed)
+    return [[Prompt({"user": chat_text(rng, (n_in := args.input_len.draw(rng)), tokenizer)}, n_in,
+                    args.output_len.draw(rng)) for _ in range(args.turns)] for _ in range(args.num_prompts)]
 
 
 def chat_text(rng: random.Random, n_tokens: int, tokenizer) -> str:
@@ -183,6 +206,7 @@ class Result:
     ttft: float = 0.0  # seconds
     latency: float = 0.0
     itl: list[float] = field(default_factory=list)
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, when the server reports it
 
 
 def _is_token_chunk(choice: dict) -> bool:
@@ -341,7 +365,8 @@ class Target:
                 + body)
 
 
-async def send(target: Target, path: str, payload: dict, prompt: Prompt) -> Result:
+async def send(target: Target, path: str, payload: dict, prompt: Prompt, text: list[str] | None = None) -> Result:
+    """One streamed request; `text` (optional) collects the streamed answer (content, reasoning too)."""
     result = Result(prompt_tokens=prompt.input_len)
     start = time.perf_counter()
     state = {"last": start, "done": False}
@@ -357,9 +382,17 @@ async def send(target: Target, path: str, payload: dict, prompt: Prompt) -> Resu
             result.error = f"stream error: {str(chunk['error'])[:300]}"
             return
         if chunk.get("usage"):
+            usage = chunk["usage"]
             result.usage_reported = True
-            result.output_tokens = chunk["usage"].get("completion_tokens", 0)
-            result.prompt_tokens = chunk["usage"].get("prompt_tokens", result.prompt_tokens)
+            result.output_tokens = usage.get("completion_tokens", 0)
+            result.prompt_tokens = usage.get("prompt_tokens", result.prompt_tokens)
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+            result.cached_tokens = cached if isinstance(cached, int) else None
+        if text is not None:
+            for c in chunk.get("choices") or ():
+                delta = c.get("delta") or {}
+                text.append(delta.get("reasoning_content") or delta.get("reasoning") or "")
+                text.append(c.get("text") or delta.get("content") or "")
         if any(_is_token_chunk(c) for c in chunk.get("choices") or ()):
             if result.ttft == 0.0:
                 result.ttft = now - start
@@ -424,19 +457,38 @@ class Progress:
             self.bar.close()
 
 
-async def run_level(args, prompts: list[Prompt], model: str, concurrency: int | None) -> dict:
+async def reset_prefix_cache(args) -> None:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    async with httpx.AsyncClient(timeout=60.0, headers=headers) as client:
+        response = await client.post(args.base_url.rstrip("/") + "/reset_prefix_cache")
+    if response.status_code != 200:
+        print(f"--reset-prefix-cache: the server answered {response.status_code}; its cache is kept",
+              file=sys.stderr)
+
+
+async def run_level(args, prompts: list[Prompt], model: str, concurrency: int | None,
+                    conversations: list[list[Prompt]] | None = None) -> dict:
     endpoint = "/v1/completions" if args.dataset == "random" else "/v1/chat/completions"
     target = Target(args.base_url, args.api_key, args.request_timeout)
     common = {"model": model, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
               "temperature": args.temperature}
     limit = concurrency or len(prompts)
-    for prompt in prompts[:args.warmup]:  # not measured: first-call costs (allocations, lazy imports)
+    # not measured: first-call costs (allocations, lazy imports); a multi-turn warm-up talks of something else
+    warmups = [Prompt({"messages": [{"role": "user", "content": "warm up"}]}, 2, 8)] * args.warmup \
+        if conversations else prompts[:args.warmup]
+    for prompt in warmups:
         warm = await send(target, endpoint, {**common, **prompt.body, "max_tokens": 8}, prompt)
         if not warm.ok:
             raise SystemExit(f"warm-up request failed: {warm.error}")
+    if args.reset_prefix_cache:
+        await reset_prefix_cache(args)
 
     semaphore = asyncio.Semaphore(limit)
-    progress = Progress(len(prompts), f"concurrency {concurrency or 'inf'}")
+    total = sum(map(len, conversations)) if conversations else len(prompts)
+    progress = Progress(total, f"concurrency {concurrency or 'inf'}")
+    if conversations:
+        return await _run_conversations(args, target, endpoint, common, conversations, semaphore, progress,
+                                        concurrency)
 
     async def one(prompt: Prompt) -> Result:
         async with semaphore:
@@ -452,6 +504,35 @@ async def run_level(args, prompts: list[Prompt], model: str, concurrency: int | 
             await asyncio.sleep(gap)
         tasks.append(asyncio.create_task(one(prompt)))
     results = await asyncio.gather(*tasks)
+    duration = time.perf_counter() - start
+    progress.close()
+    return summarise(args, results, duration, concurrency)
+
+
+async def _run_conversations(args, target, endpoint, common, conversations, semaphore, progress,
+                             concurrency) -> dict:
+    """multi-turn: the conversations start together (at most --max-concurrency requests in flight); each
+    turn resends the history with the answers the server gave."""
+    results: list[Result] = []
+
+    async def conversation(turns: list[Prompt]) -> None:
+        messages, sent = [], 0
+        for turn in turns:
+            messages.append({"role": "user", "content": turn.body["user"]})
+            text: list[str] = []
+            async with semaphore:
+                result = await send(target, endpoint, {**common, "messages": list(messages),
+                                                       "max_tokens": turn.output_len},
+                                    Prompt({}, sent + turn.input_len, turn.output_len), text)
+            progress.update()
+            results.append(result)
+            if not result.ok:
+                return
+            sent = result.prompt_tokens + result.output_tokens
+            messages.append({"role": "assistant", "content": "".join(text)})
+
+    start = time.perf_counter()
+    await asyncio.gather(*(conversation(turns) for turns in conversations))
     duration = time.perf_counter() - start
     progress.close()
     return summarise(args, results, duration, concurrency)
@@ -480,6 +561,7 @@ def summarise(args, results: list[Result], duration: float, concurrency: int | N
     tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
     output_tokens = sum(r.output_tokens for r in ok)
     prompt_tokens = sum(r.prompt_tokens for r in ok)
+    reported = [r for r in ok if r.cached_tokens is not None]
     slos = args.goodput or {}
 
     def meets_slos(r: Result) -> bool:
@@ -503,6 +585,9 @@ def summarise(args, results: list[Result], duration: float, concurrency: int | N
         "request_throughput": len(ok) / duration,
         "output_throughput": output_tokens / duration,
         "total_token_throughput": (prompt_tokens + output_tokens) / duration,
+        # prompt tokens the server served from its prefix cache, of the requests that report it
+        "cached_prompt_share": (sum(r.cached_tokens for r in reported) / max(1, sum(r.prompt_tokens for r in reported))
+                                if reported else None),
         "goodput": (sum(map(meets_slos, ok)) / duration) if slos else None,
         "ttft_ms": _stats([r.ttft for r in ok]),
         "tpot_ms": _stats(tpots),
@@ -528,6 +613,8 @@ def print_table(run: dict, slos: dict | None) -> None:
     line("request throughput (req/s)", run["request_throughput"])
     line("output token throughput (tok/s)", run["output_throughput"])
     line("total token throughput (tok/s)", run["total_token_throughput"])
+    if run.get("cached_prompt_share") is not None:
+        line("prompt tokens from the prefix cache", 100 * run["cached_prompt_share"], "{:.1f}%")
     if slos:
         line(f"goodput (req/s) {' '.join(f'{k}<={v:g}ms' for k, v in slos.items())}", run["goodput"])
     print(f"  {'(ms)':<14}{'mean':>10}{'median':>10}{'p90':>10}{'p99':>10}")
@@ -539,11 +626,13 @@ def print_table(run: dict, slos: dict | None) -> None:
 
 def print_sweep(runs: list[dict]) -> None:
     print(f"\n{'concurrency':>11}{'req/s':>9}{'out tok/s':>11}{'TTFT p50':>10}{'TTFT p99':>10}{'TPOT p50':>10}"
-          f"{'TPOT p99':>10}{'failed':>8}")
+          f"{'TPOT p99':>10}{'cached':>8}{'failed':>8}")
     for r in runs:
+        share = r.get("cached_prompt_share")
         print(f"{str(r['max_concurrency'] or 'inf'):>11}{r['request_throughput']:>9.2f}{r['output_throughput']:>11.1f}"
               f"{r['ttft_ms']['median'] or 0:>10.1f}{r['ttft_ms']['p99'] or 0:>10.1f}"
-              f"{r['tpot_ms']['median'] or 0:>10.1f}{r['tpot_ms']['p99'] or 0:>10.1f}{r['failed']:>8}")
+              f"{r['tpot_ms']['median'] or 0:>10.1f}{r['tpot_ms']['p99'] or 0:>10.1f}"
+              f"{'-' if share is None else f'{100 * share:.0f}%':>8}{r['failed']:>8}")
 
 
 def plot(result_files: list[Path], out: Path) -> None:
@@ -614,13 +703,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--api-key")
     ap.add_argument("--tokenizer", help="checkpoint dir or tokenizer.json: the vocabulary of random prompts, "
                                         "decoding for --text, exact chat prompt lengths")
-    ap.add_argument("--dataset", choices=["random", "chat"], default="random")
+    ap.add_argument("--dataset", choices=["random", "chat", "shared-prefix", "multi-turn"], default="random")
     ap.add_argument("--text", action="store_true", help="random dataset: send the decoded text, not token ids")
     ap.add_argument("--vocab-size", type=int, default=32000, help="random ids below this when no --tokenizer")
     ap.add_argument("--min-token-id", type=int, default=100, help="random ids from here (skips special tokens)")
     ap.add_argument("--input-len", type=Length.parse, default=Length(256, 256), help="N or LOW:HIGH (uniform)")
     ap.add_argument("--output-len", type=Length.parse, default=Length(128, 128), help="N or LOW:HIGH (uniform)")
-    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--num-prompts", type=int, default=64, help="requests (multi-turn: conversations)")
+    ap.add_argument("--shared-len", type=int, default=2000, help="shared-prefix: tokens of the shared system prompt")
+    ap.add_argument("--turns", type=int, default=4, help="multi-turn: turns per conversation")
+    ap.add_argument("--reset-prefix-cache", action="store_true",
+                    help="POST /reset_prefix_cache before each level (after its warm-up)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--temperature", type=float, default=0.0, help="sent with every request (0: greedy)")
     ap.add_argument("--request-rate", type=_rate, default=math.inf, help="requests/s (Poisson), inf: all at once")
@@ -685,7 +778,9 @@ def main(argv=None) -> int:
     levels = ([int(c) for c in args.sweep_concurrency.split(",")] if args.sweep_concurrency
               else [args.max_concurrency])
     model = asyncio.run(resolve_model(args))
-    prompts = build_prompts(args, load_tokenizer(args.tokenizer))
+    tokenizer = load_tokenizer(args.tokenizer)
+    prompts = build_prompts(args, tokenizer)
+    conversations = build_conversations(args, tokenizer) if args.dataset == "multi-turn" else None
     label = args.label or model.rstrip("/").rsplit("/", 1)[-1]
     print(f"{label}: {args.num_prompts} x {args.dataset} prompts, input {args.input_len}, output {args.output_len}, "
           f"rate {args.request_rate}, burstiness {args.burstiness}, levels {levels}, endpoint {args.base_url}",
@@ -694,7 +789,7 @@ def main(argv=None) -> int:
     runs = []
     for level in levels:
         load_before = os.getloadavg()[0]
-        run = _run_loop(run_level(args, prompts, model, level))
+        run = _run_loop(run_level(args, prompts, model, level, conversations))
         # The machine's 1-minute load average around the run: other work on it skews every number.
         run["loadavg_1m"] = {"before": load_before, "after": os.getloadavg()[0]}
         print_table(run, args.goodput)

@@ -144,6 +144,26 @@ def test_runs_against_a_live_server(server, tiny_model, tmp_path, dataset):
         assert not (tmp_path / "p.png").exists()
 
 
+@pytest.mark.parametrize("dataset", ["shared-prefix", "multi-turn"])
+def test_prefix_cache_workloads(server, tiny_model, tmp_path, dataset):
+    """The shared system prompt and the multi-turn conversations (each turn resends the history, answers
+    included): every request completes, and the server (prefix caching on by default) reports cached prompt
+    tokens; --reset-prefix-cache drops the cache before each level, so both levels see the same share."""
+    out = tmp_path / "r.json"
+    code = serve.main(["--base-url", server.url, "--api-key", "k1", "--tokenizer", str(tiny_model), "--dataset",
+                       dataset, "--shared-len", "48", "--turns", "3", "--input-len", "10", "--output-len", "4",
+                       "--num-prompts", "4", "--sweep-concurrency", "1,2", "--reset-prefix-cache", "--result-file",
+                       str(out), "--plot-file", str(tmp_path / "p.png")])
+    assert code == 0
+    runs = json.loads(out.read_text())["runs"]
+    for run in runs:
+        assert run["failed"] == 0 and run["completed"] == (12 if dataset == "multi-turn" else 4)
+        assert 0 < run["cached_prompt_share"] < 1
+    if dataset == "multi-turn":     # a conversation's later turns carry its earlier ones
+        assert max(r["prompt_tokens"] for r in runs[0]["per_request"]) > 3 * 10
+    assert runs[0]["cached_prompt_share"] == runs[1]["cached_prompt_share"]
+
+
 def test_failures_are_counted_not_raised(server, tiny_model, tmp_path):
     args = ["--base-url", server.url, "--tokenizer", str(tiny_model), "--num-prompts", "2", "--input-len", "8",
             "--output-len", "4", "--result-file", str(tmp_path / "r.json")]
