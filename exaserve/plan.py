@@ -3,10 +3,10 @@
 Builds each tensor-parallel rank's model on the meta device (shapes only: no memory, no weights, no GPU) with
 the engine's own modules and `Parallel`, so a size that does not divide fails with the engine's error, and
 counts per rank:
-- weight bytes (tied parameters once). `--dtype fp8` is plan-only arithmetic for the published FP8 checkpoint,
-  which the engine cannot load yet (issue 15): the linears it quantizes count one byte per weight (float8 e4m3)
-  plus one fp32 scale per 128x128 block of each checkpoint tensor; the router, embeddings, lm_head and the MTP
-  block stay bf16 (the router fp32, as the engine keeps it); the KV cache stays bf16;
+- weight bytes (tied parameters once). `--dtype fp8`: the published FP8 checkpoint (or `--quantization fp8`)
+  as the engine holds it (kernels/fp8.py): the linears it quantizes count one byte per weight (float8 e4m3)
+  plus one fp32 scale per 32 rows x 128 columns; the router, embeddings, lm_head and the MTP block stay bf16
+  (the router fp32, as the engine keeps it); the KV cache stays bf16;
 - KV cache bytes, as KVCache.create (engine/kv_cache.py) sizes its pools: global layers store K and V of this
   rank's kv heads for every token (paged), sliding layers a ring of `sliding_window + num_speculative_tokens`
   tokens per sequence (one more ring layer for the MTP block when drafting);
@@ -23,13 +23,14 @@ from pathlib import Path
 import torch
 
 from exaserve import kernels
+from exaserve.kernels import fp8 as fp8_layout
 from exaserve.engine.config import MAX_SPECULATIVE_TOKENS, ModelConfig
 from exaserve.engine.model import MLP, ExaoneMoeModel, MoE
 from exaserve.engine.parallel import Parallel
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 CONTEXTS = (32 * 1024, 128 * 1024, 256 * 1024)
-FP8_BLOCK = 128                 # one fp32 scale per FP8_BLOCK x FP8_BLOCK block of a quantized weight
+FP8_BLOCK = 128                 # columns per fp32 scale of a quantized weight, as the release's blocks
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -42,35 +43,31 @@ def load_config(path: str | Path) -> ModelConfig:
 
 
 def _fp8_linears(model: ExaoneMoeModel):
-    """(parameter, rows of each checkpoint tensor fused into it) for every linear the FP8 checkpoint quantizes:
-    attention and MLP/expert projections of the main layers (not the router, embeddings, lm_head or MTP block)."""
+    """Every linear the FP8 checkpoint quantizes: attention and MLP/expert projections of the main layers (not
+    the router, embeddings, lm_head or MTP block)."""
     for layer in model.layers:
-        a = layer.attn
-        yield a.qkv, (a.nq * a.d, a.nkv * a.d, a.nkv * a.d)
-        yield a.o, (a.o.shape[0],)
+        yield layer.attn.qkv
+        yield layer.attn.o
         mlp = layer.mlp
         if isinstance(mlp, MoE):
-            yield mlp.w13, (mlp.w13.shape[1] // 2,) * 2
-            yield mlp.w2, (mlp.w2.shape[1],)
+            yield mlp.w13
+            yield mlp.w2
             mlp = mlp.shared
         if isinstance(mlp, MLP):
-            yield mlp.gate_up, (mlp.gate_up.shape[0] // 2,) * 2
-            yield mlp.down, (mlp.down.shape[0],)
+            yield mlp.gate_up
+            yield mlp.down
 
 
 def weight_bytes(model: ExaoneMoeModel, fp8: bool = False) -> int:
-    """Bytes of the model's parameters, a tied one once. fp8: see the module docstring. A rank's scale blocks are
-    counted on its own slice, which is exact when slices fall on block edges (K-EXAONE's do up to tp=8)."""
-    quantized = {id(p): rows for p, rows in _fp8_linears(model)} if fp8 else {}
+    """Bytes of the model's parameters as the engine holds them, a tied one once; fp8: the FP8 linears with
+    their scale grids, as ExaoneMoeModel.materialize makes them (here on the meta device: no memory)."""
+    if fp8:
+        model.materialize("meta", {p: FP8_BLOCK for p in _fp8_linears(model)})
     total = 0
     for p in model.parameters():
-        rows = quantized.get(id(p))
-        if rows is None:
-            total += p.numel() * p.element_size()
-            continue
-        cols = p.shape[-1]
-        matrices = p.numel() // (p.shape[-2] * cols)     # experts stacked in front
-        total += matrices * sum(r * cols + 4 * -(-r // FP8_BLOCK) * -(-cols // FP8_BLOCK) for r in rows)
+        total += p.numel() * p.element_size()
+        if fp8_layout.parts(p) is not None:
+            total += fp8_layout.parts(p)[0].numel() * 4
     return total
 
 
@@ -168,9 +165,9 @@ def format_plan(p: dict, source: str) -> str:
         + (f", {spec} MTP draft tokens" if spec else ""),
     ]
     if p["dtype"] == "fp8":
-        lines += ["  fp8: plan-only arithmetic for the published FP8 checkpoint (the engine cannot load it yet,",
-                  "  issue 15): e4m3 linears + an fp32 scale per 128x128 block; router, embeddings, lm_head and",
-                  "  MTP block unquantized"]
+        lines += ["  fp8: the published FP8 checkpoint (or --quantization fp8) as the engine holds it: e4m3",
+                  "  linears + an fp32 scale per 32 rows x 128 columns; router, embeddings, lm_head and MTP block",
+                  "  unquantized"]
     lines += [
         f"per GPU: {p['gpu_memory_bytes'] / GiB:.2f} GiB x {p['gpu_memory_utilization']:.2f} - "
         f"{p['reserve_bytes'] / GiB:.2f} GiB reserve (activations, workspace: an estimate, not measured)",
@@ -234,7 +231,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--enable-expert-parallel", action="store_true",
                         help="with -tp N: whole experts per rank instead of a slice of every expert")
     parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES, "fp8"),
-                        help="weights; auto: the checkpoint's; fp8: the FP8 checkpoint's layout (plan only)")
+                        help="weights; auto: the checkpoint's; fp8: the FP8 checkpoint's (or --quantization fp8)")
     parser.add_argument("--mtp", action=argparse.BooleanOptionalAction, default=None,
                         help="count the MTP block (default: when the config has num_nextn_predict_layers)")
     parser.add_argument("--gpu-memory", type=_bytes, default=141 * GiB, help="bytes per GPU, e.g. 141GiB "
