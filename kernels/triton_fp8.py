@@ -19,10 +19,10 @@ What is fused (the tile config's FUSED_QUANT chooses, per token-count bucket):
   holds whole groups) and stores e4m3 h with its scales; the down kernel reads them: h never exists in 16 bits.
   x goes in fused or pre-quantized as above.
 
-MoE structure as kernels/triton_moe.fused_moe (its `align` sorts the pairs): gate_up -> SiLU*up -> down scaled by
-the routing weight, per pair in fp32, then `_combine_kernel` sums each token's pairs into x's dtype. topk_ids may
-hold -1 (an expert on another rank under expert parallelism): those pairs are sorted into a sink expert whose
-tiles exit at once, and the combine skips them, so they cost no GEMM work.
+MoE structure as kernels/triton_moe.fused_moe, whose align and top-k sum kernels it shares: align sorts the pairs
+by expert; gate_up -> SiLU*up -> down per pair in fp32; the sum weights each token's pairs by their routing
+weights in fp32 into x's dtype. topk_ids may hold -1 (an expert on another rank under expert parallelism): align
+leaves those pairs out and the sum skips them, so they cost no work.
 
 Under TRITON_INTERPRET=1 the float -> e4m3 cast rounds ties away from zero and loses the carry into the exponent
 (126.06 -> 64.0), so there the kernels round in integer arithmetic (`_round_e4m3`, SOFT_ROUND); on a GPU the
@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from exaserve.kernels import fp8, torch_ops, triton_moe
-from exaserve.kernels.triton_common import INTERPRET
+from exaserve.kernels.triton_common import INTERPRET, cdiv, pow2
 from exaserve.kernels.triton_moe import CONFIG_DIR, align, device_name
 
 FP8, FP8_MAX, ROW_GROUP = fp8.FP8, fp8.FP8_MAX, fp8.ROW_GROUP
@@ -150,7 +150,7 @@ def _linear_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, M, N, K, sam, sasm, swn,
 
 @triton.jit
 def _gate_up_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, expert_ptr,
-                    num_pairs, top_k, num_experts, N, K, num_rows,
+                    num_pairs, top_k, N, K, num_rows,
                     sam, sasm, swe, swn, swse, swsn, shm, shsm,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                     FUSED_QUANT: tl.constexpr, SOFT_ROUND: tl.constexpr):
@@ -158,7 +158,7 @@ def _gate_up_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, exp
     as e4m3 with one scale per BK columns (hs[row, n // BK])."""
     pid_m, pid_n = _tile(num_rows, N, BLOCK_M, BLOCK_N, GROUP_M)
     e = tl.load(expert_ptr + pid_m)
-    if (e < 0) | (e >= num_experts):     # past the last tile, or the sink of -1 ids
+    if e < 0:                            # past the last tile
         return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_ptr + rows)
@@ -203,14 +203,13 @@ def _gate_up_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, exp
 
 
 @triton.jit
-def _down_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, sorted_ptr, expert_ptr, weight_ptr,
-                 num_pairs, num_experts, N, K, num_rows,
+def _down_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, sorted_ptr, expert_ptr, num_pairs, N, K, num_rows,
                  shm, shsm, swe, swn, swse, swsn, sym,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    """y[pair, n] = routing_weight[pair] * (h[row] . w[e, n]) in fp32, for one expert's tile of sorted rows."""
+    """y[pair, n] = h[row] . w[e, n] in fp32, for one expert's tile of sorted rows."""
     pid_m, pid_n = _tile(num_rows, N, BLOCK_M, BLOCK_N, GROUP_M)
     e = tl.load(expert_ptr + pid_m)
-    if (e < 0) | (e >= num_experts):
+    if e < 0:
         return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pair = tl.load(sorted_ptr + rows)
@@ -232,23 +231,8 @@ def _down_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, sorted_ptr, expert_ptr, we
         acc += tl.dot(a, w) * a_s[:, None] * w_s[None, :]
         a_ptrs += BK
         w_ptrs += BK
-    rw = tl.load(weight_ptr + pair, mask=valid, other=0.0)
     out = y_ptr + pair[:, None].to(tl.int64) * sym + cols[None, :]
-    tl.store(out, acc * rw[:, None], mask=valid[:, None] & col_ok[None, :])
-
-
-@triton.jit
-def _combine_kernel(y_ptr, ids_ptr, out_ptr, N, top_k, sym, som, BLOCK: tl.constexpr):
-    """out[t] = sum of y over token t's pairs whose expert id is >= 0, in fp32, cast to out's dtype."""
-    t = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = cols < N
-    acc = tl.full((BLOCK,), 0.0, tl.float32)
-    for j in range(0, top_k):
-        pair = t * top_k + j
-        if tl.load(ids_ptr + pair) >= 0:
-            acc += tl.load(y_ptr + pair * sym + cols, mask=ok, other=0.0)
-    tl.store(out_ptr + t * som + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out, acc, mask=valid[:, None] & col_ok[None, :])
 
 
 # -- tile configs -----------------------------------------------------------------------------------------------
@@ -326,8 +310,8 @@ def quantize(x: torch.Tensor, block_k: int) -> tuple[torch.Tensor, torch.Tensor]
     scale = torch.empty(M, num_groups, dtype=torch.float32, device=x.device)
     if M == 0:
         return q, scale
-    groups = max(1, min(triton.next_power_of_2(num_groups), (256 if INTERPRET else 4096) // block_k))
-    _quantize_kernel[(M, triton.cdiv(num_groups, groups))](
+    groups = max(1, min(pow2(num_groups), (256 if INTERPRET else 4096) // block_k))
+    _quantize_kernel[(M, cdiv(num_groups, groups))](
         x, q, scale, K, num_groups, x.stride(0), q.stride(0), scale.stride(0),
         BK=block_k, GROUPS=groups, SOFT_ROUND=INTERPRET, num_warps=4)
     return q, scale
@@ -356,7 +340,7 @@ def linear_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, block_k: i
     else:
         a, a_scale = quantize(x, block_k)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    _linear_kernel[(triton.cdiv(M, BM) * triton.cdiv(N, BN),)](
+    _linear_kernel[(cdiv(M, BM) * cdiv(N, BN),)](
         a, a_scale, w, scale, out, M, N, K, a.stride(0), a_scale.stride(0), w.stride(0), scale.stride(0),
         out.stride(0),
         BLOCK_M=BM, BLOCK_N=BN, BK=block_k, GROUP_M=cfg["GROUP_M"], FUSED_QUANT=cfg["FUSED_QUANT"],
@@ -390,7 +374,8 @@ def fused_moe_fp8(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, block
         raise ValueError(f"fused_moe_fp8: BLOCK_N {BN} must be a multiple of the block width {block_k} (the "
                          f"gate_up epilogue quantizes whole groups)")
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    sorted_pairs, block_expert = align(torch.where(topk_ids < 0, E, topk_ids), E + 1, BM)
+    topk_ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
+    sorted_pairs, block_expert = align(topk_ids, E, BM)
     num_rows = block_expert.numel() * BM
     if cfg["FUSED_QUANT"]:
         a, a_scale = x, w13_scale        # a_scale unused
@@ -398,27 +383,26 @@ def fused_moe_fp8(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, block
         a, a_scale = quantize(x, block_k)
 
     h = torch.empty(num_rows, N, dtype=FP8, device=x.device)
-    h_scale = torch.empty(num_rows, triton.cdiv(N, block_k), dtype=torch.float32, device=x.device)
-    _gate_up_kernel[(block_expert.numel() * triton.cdiv(N, BN),)](
-        a, a_scale, w13, w13_scale, h, h_scale, sorted_pairs, block_expert, P, k, E, N, H, num_rows,
+    h_scale = torch.empty(num_rows, cdiv(N, block_k), dtype=torch.float32, device=x.device)
+    _gate_up_kernel[(block_expert.numel() * cdiv(N, BN),)](
+        a, a_scale, w13, w13_scale, h, h_scale, sorted_pairs, block_expert, P, k, N, H, num_rows,
         a.stride(0), a_scale.stride(0), w13.stride(0), w13.stride(1), w13_scale.stride(0), w13_scale.stride(1),
         h.stride(0), h_scale.stride(0),
         BLOCK_M=BM, BLOCK_N=BN, BK=block_k, GROUP_M=GM, FUSED_QUANT=cfg["FUSED_QUANT"], SOFT_ROUND=INTERPRET,
         **launch)
 
     y = torch.empty(P, H, dtype=torch.float32, device=x.device)
-    weights = topk_weights.reshape(-1).float()
-    _down_kernel[(block_expert.numel() * triton.cdiv(H, BN),)](
-        h, h_scale, w2, w2_scale, y, sorted_pairs, block_expert, weights, P, E, H, N, num_rows,
+    _down_kernel[(block_expert.numel() * cdiv(H, BN),)](
+        h, h_scale, w2, w2_scale, y, sorted_pairs, block_expert, P, H, N, num_rows,
         h.stride(0), h_scale.stride(0), w2.stride(0), w2.stride(1), w2_scale.stride(0), w2_scale.stride(1),
         y.stride(0),
         BLOCK_M=BM, BLOCK_N=BN, BK=block_k, GROUP_M=GM, **launch)
 
     out = torch.empty_like(x)
+    weights = topk_weights if topk_weights.is_contiguous() else topk_weights.contiguous()
     block = 128 if INTERPRET else 1024
-    ids = topk_ids.reshape(-1)
-    _combine_kernel[(T, triton.cdiv(H, block))](y, ids, out, H, k, y.stride(0), out.stride(0), BLOCK=block,
-                                                 num_warps=4)
+    triton_moe._sum_topk_kernel[(T, cdiv(H, block))](y, topk_ids, weights, out, H, y.stride(0), out.stride(0),
+                                                      TOP_K=k, K_PAD=pow2(k), BLOCK=block)
     return out
 
 
