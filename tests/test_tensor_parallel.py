@@ -382,3 +382,36 @@ def test_every_rank_reports_its_kv_room_and_rank_0_gets_them():
     distributed.Rendezvous("127.0.0.1", port, 4, 2).report(kv_budget=3 << 30)
     distributed.Rendezvous("127.0.0.1", port, 4, 3).report()       # kv_cache_memory given: nothing to report
     assert sorted(rank0.wait_loaded(None)) == [3 << 30, 5 << 30]
+
+
+def test_rank_0_failing_mid_step_fails_fast_instead_of_leaving_workers_in_a_collective(checkpoint):
+    """An exception on rank 0 between two all-reduces (here: its MoE block) leaves the other rank waiting in a
+    collective rank 0 will never join: the engine must stop with WorkerError at once and kill the worker, not
+    wait for the collective timeout (120 s) or try a graceful stop that would block on the waiting rank."""
+    import asyncio
+    import time
+
+    from exaserve.engine import AsyncEngine
+    from exaserve.engine.async_engine import EngineDeadError
+
+    path, _ = checkpoint
+    engine = AsyncEngine(str(path), dtype="float32", tensor_parallel_size=2)
+    workers = [p.pid for p in engine.core._workers.procs]
+    moe = next(layer.mlp for layer in engine.core._sharded.local.layers if hasattr(layer.mlp, "w13"))
+
+    def broken(x):
+        raise RuntimeError("injected fault in rank 0's MoE block")
+
+    async def main():
+        with pytest.raises(EngineDeadError):
+            async for _ in engine.add_request("r", [5, 6, 7], SamplingParams(max_tokens=50, ignore_eos=True)):
+                moe.forward = broken
+
+    try:
+        started = time.monotonic()
+        asyncio.run(main())
+        assert time.monotonic() - started < 30
+        assert "out of step" in (engine.problem() or "") + str(engine.failure)
+    finally:
+        engine.shutdown()
+    assert all(not _alive(pid) for pid in workers)
