@@ -115,7 +115,7 @@ def _quantize_kernel(x_ptr, q_ptr, s_ptr, K, num_groups, sxm, sqm, ssm,
     tl.store(s_ptr + row * ssm + g, scale, mask=g < num_groups)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])       # batch-dependent: one compiled kernel for every M
 def _linear_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, M, N, K, sam, sasm, swn, swsn, scm,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                    FUSED_QUANT: tl.constexpr, SOFT_ROUND: tl.constexpr):
@@ -148,7 +148,7 @@ def _linear_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, M, N, K, sam, sasm, swn,
     tl.store(out, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_rows"])
 def _gate_up_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, expert_ptr,
                     num_pairs, top_k, N, K, num_rows,
                     sam, sasm, swe, swn, swse, swsn, shm, shsm,
@@ -202,7 +202,7 @@ def _gate_up_kernel(a_ptr, as_ptr, w_ptr, ws_ptr, h_ptr, hs_ptr, sorted_ptr, exp
     tl.store(s_out, tl.reshape(scale, (BLOCK_M, BLOCK_N // BK)), mask=valid[:, None] & (gs[None, :] * BK < N))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_rows"])
 def _down_kernel(h_ptr, hs_ptr, w_ptr, ws_ptr, y_ptr, sorted_ptr, expert_ptr, num_pairs, N, K, num_rows,
                  shm, shsm, swe, swn, swse, swsn, sym,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
