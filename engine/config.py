@@ -28,6 +28,7 @@ class EngineConfig:
     dtype: str = "auto"                  # weights and KV cache; auto: the checkpoint's (on a CPU: see EngineCore)
     device: str = "auto"                 # auto: cuda when available, else cpu
     kernels: str | None = None           # kernel backend; None: $EXASERVE_KERNELS, else auto (exaserve.kernels)
+    enforce_eager: bool = False          # no CUDA graphs for decode steps (engine/cuda_graph.py)
     max_model_len: int | None = None     # longest prompt + output; None: the model's max_position_embeddings
     max_num_seqs: int = 64               # requests in one batch
     max_num_batched_tokens: int = 2048   # tokens in one step

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from exaserve.engine.cpu_model import CpuModel
+from exaserve.engine.cuda_graph import DecodeGraphs
 from exaserve.engine.distributed import ShardedModel
 from exaserve.engine.kv_cache import KVCache
 from exaserve.engine.model import AttnMetadata, ExaoneMoeModel
@@ -42,6 +43,14 @@ class ModelRunner:
         self.window = model.cfg.sliding_window or 0
         # under tensor parallelism the ring copies travel with the forward call, to run on every rank
         self._copies_in_forward = isinstance(model, ShardedModel)
+
+    def use_cuda_graphs(self, max_batch_size: int, max_model_len: int) -> None:
+        """Capture decode steps of up to max_batch_size requests as CUDA graphs (engine/cuda_graph.py): decode-only
+        steps replay them, the rest runs eagerly."""
+        width = -(-max_model_len // self.kv.paged.block_size)
+        self.graphs = DecodeGraphs(self.forward, self.kv, max_batch_size, width, self.device)
+        self.graphs.capture()
+        self.forward = self.graphs.forward
 
     def _t(self, x, dtype=torch.int64):
         return torch.tensor(x, dtype=dtype, device=self.device)

@@ -71,6 +71,8 @@ def _serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kernels", choices=KERNEL_BACKENDS,
                         help="kernel backend (default: $EXASERVE_KERNELS, else auto: triton on CUDA, the C++ kernels "
                         "on a CPU)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="run decode steps eagerly: no CUDA graphs (captured at start-up on CUDA otherwise)")
     parser.add_argument("--max-model-len", type=_positive, help="longest prompt + output (default: the model's)")
     parser.add_argument("--max-num-seqs", type=_positive, default=64, help="requests in one batch")
     parser.add_argument("--max-num-batched-tokens", type=_positive, default=2048, help="tokens in one step")
