@@ -8,7 +8,8 @@
 The two ceilings are measured once on the device (a device-to-device copy for bandwidth, a large bf16/fp32
 matmul for compute). For each case: time, achieved TB/s and TFLOP/s (bytes and flops an ideal kernel must
 move and do), "roof" = the fraction of the roofline time max(bytes / BW, flops / PEAK) the kernel reaches,
-and the speedup of the Triton kernel over the torch path. MoE bytes count only the experts actually routed
+and the speedup of the Triton kernel over the torch path; %BW and %peak: achieved bytes/s and flop/s as a share
+of the measured copy bandwidth (HBM) and matmul peak (bf16 on a GPU). MoE bytes count only the experts actually routed
 to (plus activations in and out).
 """
 from __future__ import annotations
@@ -180,8 +181,8 @@ def main(argv=None):
     bw, peak = ceilings(device, dtype)
     name = "cpu" if cpu else torch.cuda.get_device_name()
     print(f"# {name}, {str(dtype).split('.')[-1]}: copy {bw / 1e12:.3f} TB/s, matmul {peak / 1e12:.2f} TFLOP/s")
-    header = (f"{'op':<13} {'shape':<20} {'torch us':>10} {'triton us':>10} {'TB/s':>6} {'TFLOP/s':>8} "
-              f"{'roof':>5} {'x torch':>7}")
+    header = (f"{'op':<13} {'shape':<20} {'torch us':>10} {'triton us':>10} {'TB/s':>6} {'%BW':>5} {'TFLOP/s':>8} "
+              f"{'%peak':>6} {'roof':>5} {'x torch':>7}")
     print(header)
     rows = []
     for c in all_cases(device, dtype, args.quick, cpu, with_triton=not cpu):
@@ -192,8 +193,9 @@ def main(argv=None):
                    tbps=c.bytes / t / 1e12, tflops=c.flops / t / 1e12, roofline=roof, speedup=t_ref / t)
         rows.append(row)
         tri = f"{t * 1e6:>10.1f}" if c.triton_fn else f"{'-':>10}"
-        print(f"{c.op:<13} {c.shape:<20} {t_ref * 1e6:>10.1f} {tri} {row['tbps']:>6.2f} {row['tflops']:>8.1f} "
-              f"{roof:>5.0%} {row['speedup']:>7.2f}", flush=True)
+        print(f"{c.op:<13} {c.shape:<20} {t_ref * 1e6:>10.1f} {tri} {row['tbps']:>6.2f} "
+              f"{c.bytes / t / bw:>5.0%} {row['tflops']:>8.1f} {c.flops / t / peak:>6.0%} {roof:>5.0%} "
+              f"{row['speedup']:>7.2f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(device=name, copy_bytes_per_s=bw, matmul_flops=peak,
                                                    rows=rows), indent=1))
