@@ -19,7 +19,8 @@
 namespace {
 
 // ---------------------------------------------------------------------------------------------------------
-// GEMM on packed weights: out[m][n] = sum_k x_m[k] * w[n][k], x rows by pointer (fp32), w fp32 or bf16.
+// GEMM on packed weights: out[m][n] = sum_k x_m[k] * w[n][k], x rows by pointer (fp32), w fp32, bf16, int8 or
+// FP8 (with scales, below).
 //
 // Layout: a weight [N, K] (or each [N, K] matrix of a stack) is split into parts of `part` rows (w13: the gate
 // rows, then the up rows) and each part into panels of 32 rows, the last one possibly narrower. A panel of
@@ -28,100 +29,170 @@ namespace {
 // contiguous stream for the prefetcher, and the kernel broadcasts x[m][k] against 32 weights at a time, so
 // no horizontal sums are needed.
 //
-// A full-width bf16 panel interleaves its two halves: column j of a k-row sits at 2 (j % 16) + j / 16. One
-// 64-byte load then holds columns 0-15 in the low and 16-31 in the high halves of its 32-bit lanes, widened
-// to fp32 by one shift and one mask, instead of two zero-extending shuffles and two shifts: fewer uops on
-// the ports the FMAs need, which matters where few rows share each weight (MoE experts at ~4 tokens).
+// A full-width bf16 panel interleaves its two halves: column j of a k-row sits at 2 (j % 16) + j / 16. A load
+// of 32-bit lanes then holds column i in the low and column 16 + i in the high half of lane i, widened to fp32
+// by one shift and one mask, instead of zero-extending shuffles and shifts: fewer uops on the ports the FMAs
+// need, which matters where few rows share each weight (MoE experts at ~4 tokens).
+//
+// The kernel works in the machine's own vector width (VL floats: 16 with AVX-512, 8 with AVX2), a k-row of a
+// panel being NV = 32 / VL vectors, and tiles rows to what its registers hold: with AVX2's 16 registers, two
+// rows of 32 columns (8 accumulators); AVX-512's 32 hold twelve. Wider tiles spill accumulators to the stack
+// on every k step (measured on a Zen 3 host: 12-row tiles built for AVX-512 ran at ~2 GFLOP/s with AVX2).
 inline int bf16_slot(int j) { return EXA_BF16_PAIRS ? 2 * (j % 16) + j / 16 : j; }
 
-// Columns 0-15 and 16-31 of one k-row of a full-width panel, as fp32.
-template <typename W>
-inline void load_cols(const W* p, v16& lo, v16& hi) {
-  lo = load(p);
-  hi = load(p + 16);
-}
-inline void load_cols(const bf16* p, v16& lo, v16& hi) {
-#if EXA_BF16_PAIRS
-  u16 u, a, b;
-  std::memcpy(&u, p, sizeof u);
-  a = u << 16;
-  b = u & 0xFFFF0000u;
-  std::memcpy(&lo, &a, sizeof lo);
-  std::memcpy(&hi, &b, sizeof hi);
+#if defined(__AVX512F__)
+constexpr int VL = 16, MR_MAX = 12, PH2_ROWS = 4;
 #else
-  lo = load(p);
-  hi = load(p + 16);
+constexpr int VL = 8, MR_MAX = 2, PH2_ROWS = 1;
+#endif
+// PH2_ROWS: tiles of up to this many rows keep two k-phases of accumulators (shorter FMA dependency chains)
+constexpr int NV = PW / VL;  // vectors per k-row of a full-width panel
+typedef float vf __attribute__((vector_size(VL * sizeof(float))));
+typedef uint32_t vu __attribute__((vector_size(VL * sizeof(uint32_t))));
+
+inline vf loadv(const float* p) {
+  vf r;
+  std::memcpy(&r, p, sizeof r);
+  return r;
+}
+inline void storev(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+
+// One k-row of a full-width panel as NV vectors of fp32: w[v] holds columns v * VL .. v * VL + VL - 1. FP8
+// values come times 2^-8 (load_fp8; the 2^8 is in their scales).
+inline void load_row(const float* p, vf* w) {
+  for (int v = 0; v < NV; ++v) w[v] = loadv(p + v * VL);
+}
+inline void load_row(const bf16* p, vf* w) {
+#if EXA_BF16_PAIRS
+  for (int c = 0; c < NV / 2; ++c) {  // lane i of chunk c: columns c VL + i (low half) and 16 + c VL + i (high)
+    vu u;
+    std::memcpy(&u, p + c * 2 * VL, sizeof u);
+    const vu lo = u << 16, hi = u & 0xFFFF0000u;
+    std::memcpy(&w[c], &lo, sizeof lo);
+    std::memcpy(&w[c + NV / 2], &hi, sizeof hi);
+  }
+#else
+  typedef uint16_t vh __attribute__((vector_size(VL * sizeof(uint16_t))));
+  for (int v = 0; v < NV; ++v) {
+    vh h;
+    std::memcpy(&h, p + v * VL, sizeof h);
+    const vu u = __builtin_convertvector(h, vu) << 16;
+    std::memcpy(&w[v], &u, sizeof u);
+  }
 #endif
 }
+inline void load_row(const int8_t* p, vf* w) {  // the int8 screen of an lm_head (argmax.h)
+  for (int v = 0; v < NV; ++v) {
+#if defined(__AVX512F__)
+    const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + v * VL))));
+#elif defined(__AVX2__)
+    const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + v * VL))));
+#else
+    float f[VL];
+    for (int i = 0; i < VL; ++i) f[i] = p[v * VL + i];
+#endif
+    std::memcpy(&w[v], &f, sizeof w[v]);
+  }
+}
+// FP8 e4m3, times 2^-8. Bit trick: a sign-extended byte shifted left 7 is an fp16 with the byte's sign, its 4
+// exponent bits in the low 4 of the 5 and its 3 mantissa bits on top: 2^-8 times the e4m3 value for normal and
+// subnormal values alike (the fp16 bias is 15, e4m3's 7); bit 14 holds a copy of the sign, cleared. F16C
+// widens fp16 exactly. The byte 0x7f / 0xff (e4m3's NaN) reads as 1.875: quantized weights never hold NaN.
+inline void load_row(const uint8_t* p, vf* w) {
+  for (int c = 0; c < PW / 16; ++c) {  // 16 columns at a time
+#if defined(__x86_64__) && defined(__AVX2__) && defined(__F16C__)
+    const __m256i h = _mm256_and_si256(
+        _mm256_slli_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * c))), 7),
+        _mm256_set1_epi16(int16_t(0xBFFF)));
+#if defined(__AVX512F__)
+    const __m512 f = _mm512_cvtph_ps(h);
+    std::memcpy(&w[c], &f, sizeof f);
+#else
+    const __m256 lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h)), hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+    std::memcpy(&w[2 * c], &lo, sizeof lo);
+    std::memcpy(&w[2 * c + 1], &hi, sizeof hi);
+#endif
+#else
+    float f[16];
+    for (int i = 0; i < 16; ++i) {  // the same values without F16C: sign, exponent e, mantissa m
+      const int b = p[16 * c + i], e = (b >> 3) & 15, m = b & 7;
+      const float mag = e ? std::ldexp(1.0f + m / 8.0f, e - 15) : std::ldexp(m / 8.0f, -14);
+      f[i] = b & 0x80 ? -mag : mag;
+    }
+    std::memcpy(&w[c * 16 / VL], f, sizeof f);
+#endif
+  }
+}
 
-// MR rows of x against one full-width panel [K][32]; writes the first `ncols` columns.
+// MR rows of x against one full-width panel [K][32]; writes the first `ncols` columns. W = uint8_t: an FP8 panel
+// with scales s[K / bk blocks]: each row's x is scaled per block (x * s, then times the weights).
 template <int MR, typename W>
-inline void ukernel(const float* const* x, const W* panel, int K, float* out, int64_t ldo, int ncols) {
-  constexpr int PH = MR <= 4 ? 2 : 1;  // k-phases: independent accumulators shorten FMA chains at small MR
-  v16 acc[PH][MR][2];
+inline void ukernel(const float* const* x, const W* panel, int K, float* out, int64_t ldo, int ncols,
+                    const float* s = nullptr, int bk = 0) {
+  constexpr bool F8 = std::is_same_v<W, uint8_t>;
+  constexpr int PH = MR <= PH2_ROWS ? 2 : 1;  // k-phases: independent accumulators shorten FMA chains
+  vf acc[PH][MR][NV];
 #pragma GCC unroll 16
   for (int p = 0; p < PH; ++p)
 #pragma GCC unroll 16
-    for (int m = 0; m < MR; ++m) acc[p][m][0] = acc[p][m][1] = v16{};
-  int k = 0;
-  for (; k + PH <= K; k += PH) {
-    if constexpr (PREFETCH > 0) __builtin_prefetch(panel + (k + PREFETCH) * PW, 0, EXA_PF_LOCALITY);
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[p][m][v] = vf{};
+  const int step = F8 ? bk : K;
+  for (int k0 = 0, b = 0; k0 < K; k0 += step, ++b) {
+    const int k1 = std::min(K, k0 + step);
+    const float sc = F8 ? s[b] : 1.0f;
+    int k = k0;
+    for (; k + PH <= k1; k += PH) {
+      if constexpr (PREFETCH > 0) __builtin_prefetch(panel + (k + PREFETCH) * PW, 0, EXA_PF_LOCALITY);
 #pragma GCC unroll 2
-    for (int p = 0; p < PH; ++p) {
-      v16 w0, w1;
-      load_cols(panel + (k + p) * PW, w0, w1);
+      for (int p = 0; p < PH; ++p) {
+        vf w[NV];
+        load_row(panel + (k + p) * PW, w);
 #pragma GCC unroll 16
-      for (int m = 0; m < MR; ++m) {  // scalar * vector broadcasts (v16{} + s would cost an add: -0.0)
-        const float xs = x[m][k + p];
-        acc[p][m][0] += xs * w0;
-        acc[p][m][1] += xs * w1;
+        for (int m = 0; m < MR; ++m) {  // scalar * vector broadcasts (vf{} + s would cost an add: -0.0)
+          const float xs = F8 ? x[m][k + p] * sc : x[m][k + p];
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) acc[p][m][v] += xs * w[v];
+        }
+      }
+    }
+    for (; k < k1; ++k) {
+      vf w[NV];
+      load_row(panel + k * PW, w);
+      for (int m = 0; m < MR; ++m) {
+        const float xs = F8 ? x[m][k] * sc : x[m][k];
+        for (int v = 0; v < NV; ++v) acc[0][m][v] += xs * w[v];
       }
     }
   }
-  for (; k < K; ++k) {
-    v16 w0, w1;
-    load_cols(panel + k * PW, w0, w1);
-    for (int m = 0; m < MR; ++m) {
-      const float xs = x[m][k];
-      acc[0][m][0] += xs * w0;
-      acc[0][m][1] += xs * w1;
-    }
-  }
   for (int m = 0; m < MR; ++m) {
-    v16 r0 = acc[0][m][0], r1 = acc[0][m][1];
-    if constexpr (PH == 2) {
-      r0 += acc[1][m][0];
-      r1 += acc[1][m][1];
+    float tmp[PW];
+    float* o = ncols == PW ? out + m * ldo : tmp;
+    for (int v = 0; v < NV; ++v) {
+      vf r = acc[0][m][v];
+      if constexpr (PH == 2) r += acc[1][m][v];
+      storev(o + v * VL, r);
     }
-    if (ncols == PW) {
-      store(out + m * ldo, r0);
-      store(out + m * ldo + 16, r1);
-    } else {
-      float tmp[PW];
-      store(tmp, r0);
-      store(tmp + 16, r1);
-      std::memcpy(out + m * ldo, tmp, ncols * sizeof(float));
-    }
+    if (ncols != PW) std::memcpy(out + m * ldo, tmp, ncols * sizeof(float));
   }
 }
 
-// All M rows of x against one full-width panel.
+// All M rows of x against one full-width panel (FP8: with its scales).
 template <typename W>
-void panel_rows(const float* const* x, int M, const W* panel, int K, float* o, int64_t ldo, int width) {
-  {
-    int m = 0;
-    for (; m + 12 <= M; m += 12) ukernel<12>(x + m, panel, K, o + m * ldo, ldo, width);  // 24 accumulators
-    for (; m + 8 <= M; m += 8) ukernel<8>(x + m, panel, K, o + m * ldo, ldo, width);
+void panel_rows(const float* const* x, int M, const W* panel, int K, float* o, int64_t ldo, int width,
+                const float* s = nullptr, int bk = 0) {
+  int m = 0;
+  if constexpr (MR_MAX >= 12) {
+    for (; m + 12 <= M; m += 12) ukernel<12>(x + m, panel, K, o + m * ldo, ldo, width, s, bk);
+    for (; m + 8 <= M; m += 8) ukernel<8>(x + m, panel, K, o + m * ldo, ldo, width, s, bk);
     if (M - m >= 4) {
-      ukernel<4>(x + m, panel, K, o + m * ldo, ldo, width);
+      ukernel<4>(x + m, panel, K, o + m * ldo, ldo, width, s, bk);
       m += 4;
     }
-    if (M - m >= 2) {
-      ukernel<2>(x + m, panel, K, o + m * ldo, ldo, width);
-      m += 2;
-    }
-    if (M - m >= 1) ukernel<1>(x + m, panel, K, o + m * ldo, ldo, width);
   }
+  for (; m + 2 <= M; m += 2) ukernel<2>(x + m, panel, K, o + m * ldo, ldo, width, s, bk);
+  if (M - m >= 1) ukernel<1>(x + m, panel, K, o + m * ldo, ldo, width, s, bk);
 }
 
 // Columns [32 p0, min(32 p1, R)) of x @ part^T for M rows (part: R packed rows of K); out column 0 is column
@@ -147,10 +218,9 @@ void gemm_panels(const float* const* x, int M, const W* part, int R, int K, int 
         wide.resize(size_t(K) * PW);
         for (size_t i = 0; i < size_t(K) * PW; i += PW) {
           if (PREFETCH > 0) __builtin_prefetch(panel + i + size_t(PREFETCH) * PW, 0, EXA_PF_LOCALITY);
-          v16 lo, hi;
-          load_cols(panel + i, lo, hi);
-          store(wide.data() + i, lo);
-          store(wide.data() + i + 16, hi);
+          vf w[NV];
+          load_row(panel + i, w);
+          for (int v = 0; v < NV; ++v) storev(wide.data() + i + v * VL, w[v]);
         }
         panel_rows<float>(x, M, wide.data(), K, o, ldo, width);
         continue;
@@ -163,8 +233,8 @@ void gemm_panels(const float* const* x, int M, const W* part, int R, int K, int 
 // ---------------------------------------------------------------------------------------------------------
 // FP8 weights (kernels/fp8.py): float8 e4m3 values in the packed layout (plain column order; a weight in several
 // parts has parts of whole panels) and one fp32 scale per panel and block of bk k-rows, premultiplied by 2^8
-// (load_fp8 returns the values times 2^-8). Each k-block's sums are scaled once, so a step reads one byte per
-// weight and computes in fp32: the dequantized weights' result up to summation order.
+// (load_fp8 returns the values times 2^-8). A step reads one byte per weight and computes in fp32: the
+// dequantized weights' result up to summation order.
 
 struct Fp8W {
   const uint8_t* q;  // this part's panels
@@ -191,60 +261,6 @@ struct WeightOf<uint8_t> {
   static H make(const void* q, const float* s, int KB, int bk) { return {static_cast<const uint8_t*>(q), s, KB, bk}; }
 };
 
-// MR rows of x against one full-width FP8 panel [K][32] with scales s[KB].
-template <int MR>
-inline void ukernel_fp8(const float* const* x, const uint8_t* panel, const float* s, int K, int bk, float* out,
-                        int64_t ldo) {
-  constexpr int PH = MR <= 2 ? 2 : 1;
-  v16 tot[MR][2];
-#pragma GCC unroll 16
-  for (int m = 0; m < MR; ++m) tot[m][0] = tot[m][1] = v16{};
-  for (int k0 = 0, b = 0; k0 < K; k0 += bk, ++b) {
-    const int k1 = std::min(K, k0 + bk);
-    v16 acc[PH][MR][2];
-#pragma GCC unroll 16
-    for (int p = 0; p < PH; ++p)
-#pragma GCC unroll 16
-      for (int m = 0; m < MR; ++m) acc[p][m][0] = acc[p][m][1] = v16{};
-    int k = k0;
-    for (; k + PH <= k1; k += PH) {
-      if constexpr (PREFETCH > 0) __builtin_prefetch(panel + (k + PREFETCH) * PW, 0, EXA_PF_LOCALITY);
-#pragma GCC unroll 2
-      for (int p = 0; p < PH; ++p) {
-        const v16 w0 = load_fp8(panel + (k + p) * PW), w1 = load_fp8(panel + (k + p) * PW + 16);
-#pragma GCC unroll 16
-        for (int m = 0; m < MR; ++m) {
-          const float xs = x[m][k + p];
-          acc[p][m][0] += xs * w0;
-          acc[p][m][1] += xs * w1;
-        }
-      }
-    }
-    for (; k < k1; ++k) {
-      const v16 w0 = load_fp8(panel + k * PW), w1 = load_fp8(panel + k * PW + 16);
-      for (int m = 0; m < MR; ++m) {
-        acc[0][m][0] += x[m][k] * w0;
-        acc[0][m][1] += x[m][k] * w1;
-      }
-    }
-    const float sc = s[b];
-#pragma GCC unroll 16
-    for (int m = 0; m < MR; ++m) {
-      v16 r0 = acc[0][m][0], r1 = acc[0][m][1];
-      if constexpr (PH == 2) {
-        r0 += acc[1][m][0];
-        r1 += acc[1][m][1];
-      }
-      tot[m][0] += r0 * sc;
-      tot[m][1] += r1 * sc;
-    }
-  }
-  for (int m = 0; m < MR; ++m) {
-    store(out + m * ldo, tot[m][0]);
-    store(out + m * ldo + 16, tot[m][1]);
-  }
-}
-
 // gemm_panels for an FP8 part: few rows read the panel in registers; from FP8_WIDEN_ROWS rows it is widened (and
 // scaled) to fp32 once and the fp32 kernel runs on it. A narrower last panel is zero-padded to full width.
 inline void gemm_panels(const float* const* x, int M, Fp8W part, int R, int K, int p0, int p1, float* out,
@@ -255,38 +271,27 @@ inline void gemm_panels(const float* const* x, int M, Fp8W part, int R, int K, i
     const int width = std::min(PW, R - p * PW);
     const uint8_t* panel = part.q + int64_t(p) * PW * K;
     const float* s = part.s + int64_t(p) * part.KB;
-    float* o = out + (p - p0) * PW;
-    int64_t ld = ldo;
-    if (width < PW) {  // plain [K][width] -> [K][PW], and the output through a [M][PW] buffer
+    if (width < PW) {  // plain [K][width] -> [K][PW]
       pad.assign(size_t(K) * PW, 0);
       for (int k = 0; k < K; ++k) std::memcpy(pad.data() + size_t(k) * PW, panel + size_t(k) * width, width);
       panel = pad.data();
-      narrow_out.resize(size_t(M) * PW);
-      o = narrow_out.data();
-      ld = PW;
     }
+    float* o = out + (p - p0) * PW;
     if (M >= FP8_WIDEN_ROWS) {
       wide.resize(size_t(K) * PW);
       for (int k0 = 0, b = 0; k0 < K; k0 += part.bk, ++b) {
         const float sc = s[b];
         for (int k = k0; k < std::min(K, k0 + part.bk); ++k) {
           if (PREFETCH > 0) __builtin_prefetch(panel + (k + PREFETCH) * PW, 0, EXA_PF_LOCALITY);
-          store(wide.data() + size_t(k) * PW, load_fp8(panel + k * PW) * sc);
-          store(wide.data() + size_t(k) * PW + 16, load_fp8(panel + k * PW + 16) * sc);
+          vf w[NV];
+          load_row(panel + k * PW, w);
+          for (int v = 0; v < NV; ++v) storev(wide.data() + size_t(k) * PW + v * VL, w[v] * sc);
         }
       }
-      panel_rows<float>(x, M, wide.data(), K, o, ld, PW);
+      panel_rows<float>(x, M, wide.data(), K, o, ldo, width);
     } else {
-      int m = 0;
-      for (; m + 4 <= M; m += 4) ukernel_fp8<4>(x + m, panel, s, K, part.bk, o + m * ld, ld);
-      if (M - m >= 2) {
-        ukernel_fp8<2>(x + m, panel, s, K, part.bk, o + m * ld, ld);
-        m += 2;
-      }
-      if (M - m >= 1) ukernel_fp8<1>(x + m, panel, s, K, part.bk, o + m * ld, ld);
+      panel_rows<uint8_t>(x, M, panel, K, o, ldo, width, s, part.bk);
     }
-    if (width < PW)
-      for (int m = 0; m < M; ++m) std::memcpy(out + (p - p0) * PW + m * ldo, o + m * PW, width * sizeof(float));
   }
 }
 

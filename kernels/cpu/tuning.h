@@ -1,6 +1,6 @@
 // Tuning constants of the CPU kernels, in one place, each with why it has its value. The EXA_* macros can be
 // set without editing: EXASERVE_CPU_EXT_CFLAGS=-DEXA_PREFETCH=64 builds (in its own folder) with that value.
-// The at::parallel_for grain sizes of the small elementwise ops and ukernel's 12/8/4/2/1-row register tiles
+// The at::parallel_for grain sizes of the small elementwise ops and ukernel's register tiles (gemm.h: VL, MR_MAX)
 // stay at their use sites (they follow from the loop, not from measurement).
 #pragma once
 

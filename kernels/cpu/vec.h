@@ -1,7 +1,6 @@
 // Vector helpers: GCC vector types (16 floats = one AVX-512 register; split by the compiler on narrower ISAs),
-// loads that widen bf16 / int8 / fp8 to fp32, horizontal sums, dot / axpy, a vectorised e^x, exp-sum and silu * mul.
-// x86 intrinsics are used only on x86-64 with AVX-512 (the int8 load) or AVX2 + F16C (the FP8 load); elsewhere
-// the generic code below.
+// loads that widen bf16 / int8 to fp32, horizontal sums, dot / axpy, a vectorised e^x, exp-sum and silu * mul.
+// x86 intrinsics are used only on x86-64 with AVX-512 (the int8 load); elsewhere the generic code below.
 #pragma once
 
 #include <cmath>
@@ -47,32 +46,6 @@ inline v16 load(const int8_t* p) {  // 16 int8 -> fp32 (exact)
   return __builtin_convertvector(c, v16);
 #endif
 }
-// 16 float8 e4m3 (FP8 weights) -> fp32, times 2^-8 (the 2^8 is folded into the weights' block scales).
-// Bit trick: a sign-extended byte shifted left 7 is an fp16 with the byte's sign, its 4 exponent bits in the low
-// 4 of the 5 and its 3 mantissa bits on top: 2^-8 times the e4m3 value for normal and subnormal values alike
-// (the fp16 bias is 15, e4m3's 7); bit 14 holds a copy of the sign, cleared. F16C widens fp16 exactly. The
-// byte 0x7f / 0xff (e4m3's NaN) reads as 1.875 instead: quantized weights never hold NaN.
-inline v16 load_fp8(const uint8_t* p) {
-#if (defined(__x86_64__) || defined(_M_X64)) && defined(__AVX2__) && defined(__F16C__)
-  const __m256i h = _mm256_and_si256(
-      _mm256_slli_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 7),
-      _mm256_set1_epi16(int16_t(0xBFFF)));
-  const __m256 lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h)), hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
-  v16 r;
-  std::memcpy(&r, &lo, sizeof lo);
-  std::memcpy(reinterpret_cast<char*>(&r) + sizeof lo, &hi, sizeof hi);
-  return r;
-#else
-  float r[16];
-  for (int i = 0; i < 16; ++i) {  // the same value without F16C: sign, exponent e, mantissa m
-    const int b = p[i], e = (b >> 3) & 15, m = b & 7;
-    const float mag = e ? std::ldexp(1.0f + m / 8.0f, e - 15) : std::ldexp(m / 8.0f, -14);
-    r[i] = b & 0x80 ? -mag : mag;
-  }
-  return load(r);
-#endif
-}
-
 inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
 inline float scalar(float x) { return x; }
 inline float scalar(bf16 h) {
