@@ -1,5 +1,15 @@
-# Shared by the side-by-side benchmark scripts (compare.sh, fp8.sh); sourced, not run. The caller sets ROOT,
-# RESULTS, LOGS, BENCH_PYTHON, CKPT, PORT, NUM_PROMPTS, LEVELS and READY_TIMEOUT_S.
+# Shared by the side-by-side benchmark scripts (compare.sh, fp8.sh); sourced, not run. The caller sets ROOT and
+# RESULTS; the settings below take their values from the environment (as each script's header says).
+BENCH_PYTHON=${BENCH_PYTHON:-python3}
+BENCH_CACHE=${BENCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/exaserve-bench}
+CKPT=$BENCH_CACHE/bench
+LOGS=$BENCH_CACHE/logs  # server logs stay out of the repo
+NUM_PROMPTS=${NUM_PROMPTS:-64}
+LEVELS=${LEVELS:-1,8,32}
+PORT=${PORT:-8391}
+KV_GIB=${KV_GIB:-2}
+MAX_MODEL_LEN=2048
+READY_TIMEOUT_S=900
 
 # The bench checkpoint (exaserve make-tiny --preset bench) in $CKPT, made once.
 make_bench_checkpoint() {

@@ -16,17 +16,9 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RESULTS=$ROOT/benchmarks/results
-BENCH_PYTHON=${BENCH_PYTHON:-python3}
 VLLM_VENV=${VLLM_VENV:-$(dirname "$ROOT")/vllm-venv}
-BENCH_CACHE=${BENCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/exaserve-bench}
-CKPT=$BENCH_CACHE/bench
-LOGS=$BENCH_CACHE/logs  # server logs stay out of the repo
-NUM_PROMPTS=${NUM_PROMPTS:-64}
-LEVELS=${LEVELS:-1,8,32}
-PORT=${PORT:-8391}
-KV_GIB=${KV_GIB:-2}
-MAX_MODEL_LEN=2048
-READY_TIMEOUT_S=900
+# shellcheck source=benchmarks/bench_lib.sh
+. "$ROOT/benchmarks/bench_lib.sh"   # settings; bench NAME LOG CMD..., make_bench_checkpoint
 
 run_exaserve=1 run_vllm=1
 case "${1:-}" in
@@ -37,9 +29,6 @@ case "${1:-}" in
 esac
 mkdir -p "$RESULTS" "$LOGS"
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
-
-# shellcheck source=benchmarks/bench_lib.sh
-. "$ROOT/benchmarks/bench_lib.sh"   # bench NAME LOG CMD..., make_bench_checkpoint
 make_bench_checkpoint
 
 if (( run_exaserve )); then

@@ -14,23 +14,13 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RESULTS=$ROOT/benchmarks/results/fp8
-BENCH_PYTHON=${BENCH_PYTHON:-python3}
-BENCH_CACHE=${BENCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/exaserve-bench}
-CKPT=$BENCH_CACHE/bench
-LOGS=$BENCH_CACHE/logs
-NUM_PROMPTS=${NUM_PROMPTS:-64}
-LEVELS=${LEVELS:-1,8,32}
-PORT=${PORT:-8391}
-KV_GIB=${KV_GIB:-2}
-MAX_MODEL_LEN=2048
-READY_TIMEOUT_S=900
+# shellcheck source=benchmarks/bench_lib.sh
+. "$ROOT/benchmarks/bench_lib.sh"   # settings; bench NAME LOG CMD..., make_bench_checkpoint
 PEERS=${PEERS:-$HOME/.cache/exaserve-peers}
 LLAMA_SERVER=${LLAMA_SERVER:-$PEERS/llama-server-build/bin/llama-server}
 PEERS_SCRIPTS=${PEERS_SCRIPTS:-$(dirname "$ROOT")/shared/peers}
 mkdir -p "$RESULTS" "$LOGS"
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
-# shellcheck source=benchmarks/bench_lib.sh
-. "$ROOT/benchmarks/bench_lib.sh"
 make_bench_checkpoint
 "$BENCH_PYTHON" -m exaserve.cli build-kernels >/dev/null
 
