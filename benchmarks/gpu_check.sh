@@ -66,8 +66,11 @@ run_file() {   # name timeout args...
     shift 2
     timeout "$limit" "$PY" -m pytest -p no:cacheprovider -q -rfE "$@" > "$LOGS/test_$name.log" 2>&1
 }
-# not on the GPU: the check that exaserve imports without triton builds the C++ CPU kernels
-run_file kernels 170 "${XDIST[@]}" tests/test_kernels.py -k "not import_without_triton" & PIDS[kernels]=$!
+# test_kernels.py in two processes (each case compiles its own variants); not on the GPU: the check that
+# exaserve imports without triton (it builds the C++ CPU kernels)
+run_file kernels_moe 170 "${XDIST[@]}" tests/test_kernels.py -k "moe" & PIDS[kernels_moe]=$!
+run_file kernels 170 "${XDIST[@]}" tests/test_kernels.py -k "not moe and not import_without_triton" &
+PIDS[kernels]=$!
 run_file fp8 170 tests/test_triton_fp8.py & PIDS[fp8]=$!
 run_file engine 170 tests/test_triton_engine.py & PIDS[engine]=$!
 run_file cuda_graph 170 tests/test_cuda_graph.py & PIDS[cuda_graph]=$!
@@ -156,7 +159,7 @@ echo
 echo "================ gpu_check summary ($((SECONDS - START)) s) ================"
 cat "$LOGS/versions.txt"
 tests_rc=0
-for name in kernels fp8 engine cuda_graph graphs; do
+for name in kernels_moe kernels fp8 engine cuda_graph graphs; do
     rc=${RCS[$name]}
     [ "$rc" -eq 0 ] || tests_rc=1
     [ "$rc" -eq 124 ] && note=" (TIMED OUT)" || note=""
