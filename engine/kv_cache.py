@@ -37,6 +37,7 @@ at the start of the next step, before anything can overwrite them).
 """
 from __future__ import annotations
 
+import array
 import hashlib
 import mmap
 from collections import OrderedDict, deque
@@ -66,10 +67,10 @@ def _zeros(shape, dtype, device) -> torch.Tensor:
 def block_hashes(token_ids: list[int], block_size: int) -> list[bytes]:
     """The name of each full block of `token_ids`: a SHA-256 chained over the previous block's name, so a block
     is named by its whole prefix (a cryptographic hash: no crafted prompt can collide with another's prefix)."""
+    data, step = array.array("I", token_ids).tobytes(), 4 * block_size
     names, parent = [], b""
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        block = token_ids[start:start + block_size]
-        parent = hashlib.sha256(parent + b"".join(t.to_bytes(4, "little") for t in block)).digest()
+    for start in range(0, len(token_ids) // block_size * step, step):
+        parent = hashlib.sha256(parent + data[start:start + step]).digest()
         names.append(parent)
     return names
 
