@@ -56,21 +56,24 @@ struct QueryRun {
   int seq, head, q0, q1;  // rows [q0, q1) of q
 };
 
-// out_gi = sum_u s[gi][u] v_u for the g query heads, accumulators in registers (ND = d / 16 vectors).
-template <int ND>
+// out_gi = sum_u s[gi][u] v_u for the g query heads, NA vectors of accumulators in registers per pass over the
+// keys (d / (NA VL) passes: with AVX2, 8 accumulators leave room for the loads in 16 registers).
+template <int NA>
 void weighted_sum(const float* sc, int L, int g, const float* const* vp, int d, float* out, int64_t out_head) {
   for (int gi = 0; gi < g; ++gi) {
     const float* s = sc + size_t(gi) * L;
-    v16 acc[ND];
+    for (int c0 = 0; c0 < d; c0 += NA * VL) {
+      vf acc[NA];
 #pragma GCC unroll 8
-    for (int c = 0; c < ND; ++c) acc[c] = v16{};
-    for (int u = 0; u < L; ++u) {
-      const float w = s[u];
+      for (int c = 0; c < NA; ++c) acc[c] = vf{};
+      for (int u = 0; u < L; ++u) {
+        const float w = s[u];
 #pragma GCC unroll 8
-      for (int c = 0; c < ND; ++c) acc[c] += w * load(vp[u] + 16 * c);
+        for (int c = 0; c < NA; ++c) acc[c] += w * loadv(vp[u] + c0 + VL * c);
+      }
+#pragma GCC unroll 8
+      for (int c = 0; c < NA; ++c) storev(out + gi * out_head + c0 + VL * c, acc[c]);
     }
-#pragma GCC unroll 8
-    for (int c = 0; c < ND; ++c) store(out + gi * out_head + 16 * c, acc[c]);
   }
 }
 
@@ -80,18 +83,18 @@ void attend_query(const float* q, int g, int d, float scale, const float* const*
                   float* out, int64_t out_head, std::vector<float>& sc) {
   sc.resize(size_t(g) * L);
   int j = 0;
-  if (d % 16 == 0) {  // scores 16 keys at a time through the sixteen-way reduction
-    for (; j + 16 <= L; j += 16) {
+  if (d % VL == 0) {  // scores VL keys at a time through the VL-way reduction
+    for (; j + VL <= L; j += VL) {
       for (int gi = 0; gi < g; ++gi) {
         const float* qr = q + gi * d;
-        v16 a[16];
-        for (int u = 0; u < 16; ++u) a[u] = v16{};
-        for (int c = 0; c < d; c += 16) {
-          const v16 qv = load(qr + c);
+        vf a[VL];
+        for (int u = 0; u < VL; ++u) a[u] = vf{};
+        for (int c = 0; c < d; c += VL) {
+          const vf qv = loadv(qr + c);
 #pragma GCC unroll 16
-          for (int u = 0; u < 16; ++u) a[u] += qv * load(kp[j + u] + c);
+          for (int u = 0; u < VL; ++u) a[u] += qv * loadv(kp[j + u] + c);
         }
-        store(sc.data() + size_t(gi) * L + j, reduce16(a) * scale);
+        storev(sc.data() + size_t(gi) * L + j, reduce_lanes(a) * scale);
       }
     }
   }
@@ -104,15 +107,12 @@ void attend_query(const float* q, int g, int d, float scale, const float* const*
     const float inv = 1.0f / exp_sum(s, mx, s, L);
     for (int u = 0; u < L; ++u) s[u] *= inv;
   }
-  switch (d) {
-    case 64: return weighted_sum<4>(sc.data(), L, g, vp, d, out, out_head);
-    case 128: return weighted_sum<8>(sc.data(), L, g, vp, d, out, out_head);
-    default:
-      for (int gi = 0; gi < g; ++gi) {
-        float* o = out + gi * out_head;
-        std::fill(o, o + d, 0.0f);
-        for (int u = 0; u < L; ++u) axpy(sc[size_t(gi) * L + u], vp[u], o, d);
-      }
+  if (d % (8 * VL) == 0) return weighted_sum<8>(sc.data(), L, g, vp, d, out, out_head);
+  if (d % (4 * VL) == 0) return weighted_sum<4>(sc.data(), L, g, vp, d, out, out_head);
+  for (int gi = 0; gi < g; ++gi) {
+    float* o = out + gi * out_head;
+    std::fill(o, o + d, 0.0f);
+    for (int u = 0; u < L; ++u) axpy(sc[size_t(gi) * L + u], vp[u], o, d);
   }
 }
 

@@ -40,22 +40,14 @@ namespace {
 // on every k step (measured on a Zen 3 host: 12-row tiles built for AVX-512 ran at ~2 GFLOP/s with AVX2).
 inline int bf16_slot(int j) { return EXA_BF16_PAIRS ? 2 * (j % 16) + j / 16 : j; }
 
+// MR_MAX: the widest row tile; PH2_ROWS: tiles of up to this many rows keep two k-phases of accumulators
+// (shorter FMA dependency chains). VL, vf: vec.h.
 #if defined(__AVX512F__)
-constexpr int VL = 16, MR_MAX = 12, PH2_ROWS = 4;
+constexpr int MR_MAX = 12, PH2_ROWS = 4;
 #else
-constexpr int VL = 8, MR_MAX = 2, PH2_ROWS = 1;
+constexpr int MR_MAX = 2, PH2_ROWS = 1;
 #endif
-// PH2_ROWS: tiles of up to this many rows keep two k-phases of accumulators (shorter FMA dependency chains)
 constexpr int NV = PW / VL;  // vectors per k-row of a full-width panel
-typedef float vf __attribute__((vector_size(VL * sizeof(float))));
-typedef uint32_t vu __attribute__((vector_size(VL * sizeof(uint32_t))));
-
-inline vf loadv(const float* p) {
-  vf r;
-  std::memcpy(&r, p, sizeof r);
-  return r;
-}
-inline void storev(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 
 // One k-row of a full-width panel as NV vectors of fp32: w[v] holds columns v * VL .. v * VL + VL - 1. FP8
 // values come times 2^-8 (load_fp8; the 2^8 is in their scales).

@@ -47,6 +47,23 @@ inline v16 load(const int8_t* p) {  // 16 int8 -> fp32 (exact)
 #endif
 }
 inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+
+// The machine's own vector width, for kernels that keep many vectors live (GEMM tiles, attention scores):
+// v16 is two registers with AVX2, and sixteen live v16 spill its sixteen registers on every step.
+#if defined(__AVX512F__)
+constexpr int VL = 16;
+#else
+constexpr int VL = 8;
+#endif
+typedef float vf __attribute__((vector_size(VL * sizeof(float))));
+typedef uint32_t vu __attribute__((vector_size(VL * sizeof(uint32_t))));
+
+inline vf loadv(const float* p) {
+  vf r;
+  std::memcpy(&r, p, sizeof r);
+  return r;
+}
+inline void storev(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 inline float scalar(float x) { return x; }
 inline float scalar(bf16 h) {
   uint32_t u = uint32_t(h) << 16;
@@ -83,6 +100,28 @@ inline v16 reduce16(const v16* a) {
                                     31);
   return __builtin_shufflevector(r3[0], r3[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
          __builtin_shufflevector(r3[0], r3[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// Eight horizontal sums at once (reduce16's pattern for 8-lane vectors).
+inline v8 reduce8(const v8* a) {
+  v8 r1[4], r2[2];
+  for (int i = 0; i < 4; ++i)
+    r1[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+            __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+  for (int i = 0; i < 2; ++i)
+    r2[i] = __builtin_shufflevector(r1[2 * i], r1[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13) +
+            __builtin_shufflevector(r1[2 * i], r1[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15);
+  return __builtin_shufflevector(r2[0], r2[1], 0, 2, 4, 6, 8, 10, 12, 14) +
+         __builtin_shufflevector(r2[0], r2[1], 1, 3, 5, 7, 9, 11, 13, 15);
+}
+
+// Lane i of the result: the sum of a[i]'s lanes, for VL vectors of the native width.
+inline vf reduce_lanes(const vf* a) {
+#if defined(__AVX512F__)
+  return reduce16(a);
+#else
+  return reduce8(a);
+#endif
 }
 
 inline float dot(const float* a, const float* b, int n) {
