@@ -128,18 +128,23 @@ class DecodeGraphs:
                  len(self.sizes), self.sizes[-1], time.monotonic() - t0, self.static.nbytes() / (1 << 20))
 
     def _cuda_capture(self, size: int) -> Captured:
-        if not hasattr(self, "_pool"):
-            self._pool = torch.cuda.graph_pool_handle()
-        args = (*self.static.views(size), self.kv)
-        # the static inputs are all padding here (slots -1, contexts 0): warm-up and capture write no KV
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self.eager(*args)                     # compiles the kernels, settles the allocator
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            output = self.eager(*args)
+        try:
+            if not hasattr(self, "_pool"):
+                self._pool = torch.cuda.graph_pool_handle()
+            args = (*self.static.views(size), self.kv)
+            # the static inputs are all padding here (slots -1, contexts 0): warm-up and capture write no KV
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self.eager(*args)                     # compiles the kernels, settles the allocator
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                output = self.eager(*args)
+        except (RuntimeError, AssertionError) as e:
+            raise RuntimeError(f"CUDA graph capture of the decode step at batch size {size} failed ({e}); graphs "
+                               f"need CUDA and the triton kernels (no host syncs): use those, or --enforce-eager"
+                               ) from e
         return Captured(graph.replay, output)
 
     def replayable(self, input_ids, meta: AttnMetadata) -> int | None:

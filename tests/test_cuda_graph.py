@@ -72,6 +72,13 @@ def test_what_runs_eagerly():
     assert graphs.replayable(torch.zeros(2), _decode_meta(2, 4)) is None
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is missing")
+def test_capture_without_cuda_is_a_clear_error():
+    graphs = DecodeGraphs(lambda *a: None, None, 2, 3, "cpu")
+    with pytest.raises(RuntimeError, match="CUDA graph capture of the decode step at batch size 2 failed"):
+        graphs.capture()
+
+
 def _eager_stand_in(graphs: DecodeGraphs):
     """capture_one for a CPU: the warm-up run of a CUDA capture (all padding), then replay = an eager forward over
     the same static views, written into a fixed output buffer like a graph's."""
