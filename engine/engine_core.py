@@ -25,6 +25,7 @@ from exaserve.engine.request import Request
 from exaserve.engine.sampler import make_generator
 from exaserve.engine.sampling_params import SamplingParams
 from exaserve.engine.scheduler import Scheduler
+from exaserve.engine.structured import Grammars
 from exaserve.engine.tokenizer import Tokenizer
 
 log = logging.getLogger("exaserve.engine")
@@ -189,6 +190,7 @@ class EngineCore:
                                    window=self.model_config.sliding_window, mtp=c.num_speculative_tokens > 0)
         self.runner = ModelRunner(runner_model, self.kv, self.device, c.num_speculative_tokens,
                                   c.spec_max_batch_size, cpu_model)
+        self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size, self.model_config.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self.counters = {"aborted": 0, "failed": 0, "steps": 0}
         # Everything allocated so far (modules, weights' Python objects, imported libraries) lives as long as the
@@ -199,6 +201,7 @@ class EngineCore:
 
     def close(self) -> None:
         """Stop the tensor-parallel workers (a no-op with one rank); the engine cannot step afterwards."""
+        self.grammars.close()
         if self._workers is not None:
             # after a failed collective (a dead or hung rank) a stop broadcast could wait for the timeout
             healthy = not self._workers.any_dead() and not self._sharded.broken
@@ -246,6 +249,8 @@ class EngineCore:
         if blocks > self.kv.paged.num_blocks:
             raise ValueError(f"the request needs {blocks} KV blocks but the pool has {self.kv.paged.num_blocks}; "
                              f"raise kv_cache_memory")
+        if params.structured_outputs is not None:
+            self.grammars.compile(params.structured_outputs)   # cached: add_request finds it compiled
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     validated: bool = False) -> Request:
@@ -256,6 +261,8 @@ class EngineCore:
         req = Request(request_id, list(prompt_token_ids), params, self.model_config.eos_token_ids)
         if params.seed is not None:
             req.generator = make_generator(params.seed, self.device)
+        if params.structured_outputs is not None:
+            req.grammar = self.grammars.state(params.structured_outputs)
         req.detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens, params.stop,
                                            params.include_stop_str_in_output)
         self.requests[request_id] = req

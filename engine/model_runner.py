@@ -18,6 +18,7 @@ from exaserve.engine.request import Request
 from exaserve.engine.sampler import Sampler, SamplingRow, plain_greedy
 from exaserve.engine.scheduler import ScheduledBatch, StepResult
 from exaserve.engine.spec_decode import SpecStats, verify
+from exaserve.engine.structured import apply_masks
 
 log = logging.getLogger("exaserve.engine")
 
@@ -127,8 +128,10 @@ class ModelRunner:
         sample_rows = [_row(batch.requests[s]) for s in plain]
         if self.cpu_model is not None and plain and not spec and not self.num_speculative_tokens:
             # nothing needs the hidden states: on the C++ path the step is one call, up to the sampled rows'
-            # logits, or up to their tokens when every one of them takes the plain argmax
-            greedy = all(map(plain_greedy, sample_rows))
+            # logits, or up to their tokens when every one of them takes the plain argmax (a grammar's mask
+            # needs the logits)
+            greedy = all(map(plain_greedy, sample_rows)) and not any(
+                batch.requests[s].grammar is not None and batch.requests[s].grammar.active for s in plain)
             input_ids, positions, meta, rows = self.prepare(batch, rows_plain)
             self._copy_ring_rows(batch)
             out = self.cpu_model.rows_step(input_ids, positions, meta, self.kv, rows, greedy, before_forward)
@@ -163,7 +166,12 @@ class ModelRunner:
 
     def _sample(self, result: StepResult, batch: ScheduledBatch, plain: list[int], logits: torch.Tensor,
                 rows: list[SamplingRow]) -> None:
-        """One token for each request of `plain` (batch indices; logits and rows in that order)."""
+        """One token for each request of `plain` (batch indices; logits and rows in that order). Rows of requests
+        with a grammar are masked first (in place)."""
+        constrained = [(j, batch.requests[s].grammar, ()) for j, s in enumerate(plain) if batch.requests[s].grammar]
+        if constrained:
+            apply_masks(logits, constrained)
+
         def run(js: list[int]) -> None:
             out = self.sampler(logits if len(js) == len(rows) else logits[js], [rows[j] for j in js])
             for j, tok, lp in zip(js, out.token_ids, out.logprobs):
@@ -177,6 +185,10 @@ class ModelRunner:
         rows = [_row(r) for r in reqs]
         drafts = [r.spec_token_ids for r in reqs]
         starts = [0, *itertools.accumulate(len(d) + 1 for d in drafts)]
+        # a grammar masks each position; the first draft it rejects is masked out, so the accepted run ends there
+        constrained = [(starts[j], r.grammar, drafts[j]) for j, r in enumerate(reqs) if r.grammar is not None]
+        if constrained:
+            apply_masks(logits, constrained)
 
         def run(js: list[int]) -> None:
             part = logits if len(js) == len(reqs) else logits[[i for j in js for i in range(starts[j], starts[j + 1])]]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from exaserve.engine.sampling_params import SamplingParams
+from exaserve.engine.structured import GrammarState
 
 
 class Status(enum.Enum):
@@ -45,6 +46,7 @@ class Request:
     num_registered_blocks: int = 0
     snapshot_targets: dict[int, int] = field(default_factory=dict)
     num_cached_tokens: int = 0
+    grammar: GrammarState | None = None          # the matcher of params.structured_outputs
     token_ids: list[int] = field(init=False)   # prompt + output, appended as tokens are sampled
 
     def __post_init__(self):

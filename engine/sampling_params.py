@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass
 
+from exaserve.engine.structured import StructuredOutput
+
 MAX_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 MAX_LOGIT_BIAS = 100.0  # OpenAI's limit for logit_bias values
 MAX_N = 128  # OpenAI's limit for n
@@ -32,6 +34,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-N logprobs per token; the sampled token is always included
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutput | None = None  # a grammar the output must match (engine/structured.py)
 
     def __post_init__(self):
         # The OpenAI API accepts a single stop string as well as a list.
@@ -71,6 +74,8 @@ class SamplingParams:
             )
         if self.stop is not None:
             check(all(isinstance(s, str) and s for s in self.stop), "stop must hold non-empty strings")
+        check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutput),
+              f"structured_outputs must be a StructuredOutput, got {type(self.structured_outputs).__name__}")
         for token_id in self.stop_token_ids or ():
             check(_valid_token_id(token_id, vocab_size), f"stop_token_ids holds an invalid token id: {token_id!r}")
         for token_id, bias in (self.logit_bias or {}).items():

@@ -330,6 +330,8 @@ class Scheduler:
     def _append(self, req: Request, token: int, logprobs: dict | None) -> None:
         p = req.params
         req.append_token(token)
+        if req.grammar is not None:
+            req.grammar.accept(token)
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
         if logprobs is not None:
@@ -344,6 +346,8 @@ class Scheduler:
         stop_str = req.detok.add(token)
         if stop_str is not None and n_out >= p.min_tokens:
             return self._stop(req, "stop", stop_str)
+        if req.grammar is not None and req.grammar.terminated:   # it accepted a stop token (ignore_eos too)
+            return self._stop(req, "stop", None)
         if n_out >= p.max_tokens or req.num_tokens >= self.max_model_len:
             return self._stop(req, "length", None)
 

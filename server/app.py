@@ -118,8 +118,8 @@ class _SpecialTextFilter:
 class _ChatChoice:
     """Turns one choice's raw engine text into reasoning / content / tool-call deltas.
 
-    tool_choice "required" or a named function cannot force the model to call: when it writes no (matching)
-    call the choice finishes normally with its content and its own finish_reason, no error. With a named
+    tool_choice "required" or a named function constrains the output to tool calls (server/protocol.py
+    tool_call_tag); a call that max_tokens cut short stays content, with finish_reason "length". With a named
     function, calls to other functions are dropped; with parallel_tool_calls=false only the first call is kept.
     """
 
@@ -259,6 +259,7 @@ class OpenAIServer:
         self._special = {tok.id_to_token(i) for i in tok.special_ids} - {THINK_START, THINK_END, TOOL_START, TOOL_END}
         self._special.discard(None)
         self._token_text: dict[int, str] = {}
+        self.think_end_ids = tok.encode(THINK_END)   # where a reasoning request's structured output starts
 
     # -- request plumbing ----------------------------------------------------------------------------------
     def authorize(self, request: Request) -> None:
@@ -417,10 +418,15 @@ class OpenAIServer:
                                               body.add_generation_prompt, body.template_kwargs())
         # Raw text from the engine so no marker the parser needs is ever dropped; special tokens the client
         # asked to skip are removed afterwards, from the visible text only.
-        params = self.sampling_params(body, len(ids), {"skip_special_tokens": False})
+        overrides = {"skip_special_tokens": False}
+        reasons = prompt_ends_in_reasoning(prompt)
+        structured = body.structured_output()
+        if structured is not None and reasons:   # the reasoning is free; the constraint starts after </think>
+            overrides["structured_outputs"] = replace(structured, start_after=tuple(self.think_end_ids))
+        params = self.sampling_params(body, len(ids), overrides)
         gen = await self.start(request_id, [ids] * body.n, params)
         named = body.tool_choice.function.name if isinstance(body.tool_choice, p.NamedToolChoice) else None
-        choices = [_ChatChoice(starts_in_reasoning=prompt_ends_in_reasoning(prompt), parse_tools=body.parse_tools,
+        choices = [_ChatChoice(starts_in_reasoning=reasons, parse_tools=body.parse_tools,
                                special=self._special if body.skip_special_tokens else None, only_tool=named,
                                single_call=body.parallel_tool_calls is False) for _ in range(body.n)]
         top_n = (body.top_logprobs or 0) if body.logprobs else None

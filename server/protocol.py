@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from exaserve.engine.chat_template import RESERVED_VARIABLES
+from exaserve.engine.structured import MAX_JSON_WHITESPACE, StructuredOutput
 
 
 class _Model(BaseModel):
@@ -151,6 +152,85 @@ class StreamOptions(_Model):
     include_usage: bool = False
 
 
+# ---------------------------------------------------------------- structured outputs
+
+class JsonSchemaSpec(_Model):
+    name: str | None = None
+    description: str | None = None
+    # "schema" would shadow a BaseModel attribute: the field has another name and reads the key "schema"
+    schema_: dict[str, Any] = Field(validation_alias="schema")
+    # Accepted as OpenAI documents it; the output follows the schema either way (additional properties only where
+    # the schema allows them).
+    strict: bool | None = None
+
+
+class ResponseFormat(_Model):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs a json_schema object: {"name": ..., "schema": {...}}')
+        return self
+
+
+class StructuredOutputsParam(_Model):
+    """vLLM's structured_outputs extra field: exactly one of json (a JSON schema), json_object, regex, choice,
+    grammar (EBNF)."""
+    json_: str | dict[str, Any] | None = Field(None, validation_alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    @field_validator("json_")
+    @classmethod
+    def _schema_text_parses(cls, value):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise ValueError(f"not a JSON schema: {e}") from None
+        if not isinstance(value, dict):
+            raise ValueError("a JSON schema is an object")
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        given = [k for k in ("json_", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of json, json_object, regex, choice, grammar; got "
+                             f"{[k.rstrip('_') for k in given] or 'none'}")
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice must not be empty")
+        return self
+
+    def spec(self) -> StructuredOutput:
+        return StructuredOutput(json=self.json_, json_object=bool(self.json_object), regex=self.regex,
+                                choice=tuple(self.choice) if self.choice is not None else None, grammar=self.grammar)
+
+
+def tool_call_tag(tools: list["ToolDef"], named: str | None, parallel: bool) -> str:
+    """xgrammar structural tag forcing K-EXAONE tool calls, `<tool_call>{"name": ..., "arguments": {...}}
+    </tool_call>`: one call of `named`, or one or more (just one unless parallel) of any tool in `tools`, their
+    arguments following each function's parameters schema."""
+    def tag(function: "FunctionDef") -> dict:
+        parameters = function.parameters if function.parameters is not None else {"type": "object"}
+        return {"type": "tag", "begin": f'<tool_call>{{"name": {json.dumps(function.name)}, "arguments": ',
+                "content": {"type": "json_schema", "json_schema": parameters,
+                            "max_whitespace_cnt": MAX_JSON_WHITESPACE},
+                "end": "}</tool_call>"}
+
+    if named is not None:
+        form = tag(next(t.function for t in tools if t.function.name == named))
+    else:
+        form = {"type": "tags_with_separator", "tags": [tag(t.function) for t in tools], "separator": "\n",
+                "at_least_one": True, "stop_after_first": not parallel}
+    return json.dumps({"type": "structural_tag", "format": form})
+
+
 # ---------------------------------------------------------------- requests
 
 _FROM_GENERATION_CONFIG = ("temperature", "top_p", "top_k", "min_p",
@@ -179,6 +259,26 @@ class _SamplingRequest(_Model):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParam | None = None
+
+    @model_validator(mode="after")
+    def _one_output_format(self):
+        if self.structured_outputs is not None and self.response_format is not None \
+                and self.response_format.type != "text":
+            raise ValueError("give either response_format or structured_outputs, not both")
+        return self
+
+    def structured_output(self) -> StructuredOutput | None:
+        """The grammar the output must follow, if any (the constraint starts at the first output token)."""
+        if self.structured_outputs is not None:
+            return self.structured_outputs.spec()
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return StructuredOutput(json_object=True)
+        return StructuredOutput(json=fmt.json_schema.schema_)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -213,6 +313,9 @@ class _SamplingRequest(_Model):
             ignore_eos=self.ignore_eos, min_tokens=self.min_tokens, skip_special_tokens=self.skip_special_tokens,
             logprobs=logprobs,
         )
+        structured = self.structured_output()
+        if structured is not None:
+            kwargs["structured_outputs"] = structured
         return kwargs
 
 
@@ -241,6 +344,26 @@ class ChatCompletionRequest(_SamplingRequest):
         if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
             raise ValueError(f"unknown tool {choice.function.name!r}")
         return choice
+
+    @model_validator(mode="after")
+    def _forced_tools_alone(self):
+        if self.forces_tool_call and (self.structured_outputs is not None or (
+                self.response_format is not None and self.response_format.type != "text")):
+            raise ValueError("tool_choice that forces a call cannot be combined with response_format or "
+                             "structured_outputs")
+        return self
+
+    @property
+    def forces_tool_call(self) -> bool:
+        return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
+
+    def structured_output(self) -> StructuredOutput | None:
+        """response_format / structured_outputs, or the forced tool calls of tool_choice "required" or a named
+        function (one call of that function; "required": one or more, one unless parallel_tool_calls)."""
+        if not self.forces_tool_call:
+            return super().structured_output()
+        named = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+        return StructuredOutput(structural_tag=tool_call_tag(self.tools, named, self.parallel_tool_calls is not False))
 
     @property
     def parse_tools(self) -> bool:
