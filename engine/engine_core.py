@@ -190,6 +190,8 @@ class EngineCore:
                                    window=self.model_config.sliding_window, mtp=c.num_speculative_tokens > 0)
         self.runner = ModelRunner(runner_model, self.kv, self.device, c.num_speculative_tokens,
                                   c.spec_max_batch_size, cpu_model)
+        if self.device.type == "cuda" and self.ops.name == "triton" and size == 1 and not c.enforce_eager:
+            self.runner.use_cuda_graphs(c.max_num_seqs, self.max_model_len)   # decode steps (engine/cuda_graph.py)
         self.grammars = Grammars(self.tokenizer, self.model_config.vocab_size, self.model_config.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self.counters = {"aborted": 0, "failed": 0, "steps": 0}
