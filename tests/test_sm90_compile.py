@@ -23,60 +23,16 @@ import tempfile
 import time
 from pathlib import Path
 
-SMEM_LIMIT = 232_448          # H200 (sm_90): the most shared memory one block may have
+import sm90
 
 
 # -- the child process: stub driver, compile-only launcher ------------------------------------------------
 
 def _install_stub(records: list, context: dict):
     """Make every Triton launch compile for sm_90 and record its resources instead of running."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.driver import DriverBase
-    from triton.runtime import driver
     from triton.runtime import jit as jit_module
 
-    class Sm90Stub(DriverBase):
-        @classmethod
-        def is_active(cls):
-            return True
-
-        def __init__(self):
-            pass
-
-        def get_current_device(self):
-            return 0
-
-        def set_current_device(self, device):
-            pass
-
-        def get_current_stream(self, device=None):
-            return 0
-
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-        def get_active_torch_device(self):
-            import torch
-            return torch.device("cpu")
-
-        def map_python_to_cpp_type(self, ty):
-            return ty
-
-        def get_benchmarker(self):
-            raise NotImplementedError
-
-        def get_device_interface(self):
-            raise NotImplementedError
-
-        def get_empty_cache_for_benchmark(self):
-            raise NotImplementedError
-
-        def clear_cache(self, cache):
-            pass
-
-    driver.set_active(Sm90Stub())
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    sm90.install_driver()
     real_run = jit_module.JITFunction.run
 
     def compile_only(self, *args, grid, warmup, **kwargs):
@@ -87,7 +43,11 @@ def _install_stub(records: list, context: dict):
             rec.update(shared=kernel.metadata.shared, num_warps=kernel.metadata.num_warps,
                        num_stages=kernel.metadata.num_stages)
             if context["production"]:     # ptxas takes tens of seconds on the spilling fp32 configs
-                rec.update(_ptxas(ptxas, kernel.asm["ptx"]))
+                info = sm90.ptxas_info(kernel.asm["ptx"])
+                if "ptxas_error" in info:
+                    rec.update(info)
+                else:
+                    rec.update(registers=info["registers"], spill_bytes=info["spill_stores"] + info["spill_loads"])
             rec["constexprs"] = {self.arg_names[p[0]]: str(v) for p, v in kernel.src.constants.items()
                                  if self.arg_names[p[0]].isupper()}
         except Exception as e:    # reported, not raised: the table shows every failure at once
@@ -96,32 +56,6 @@ def _install_stub(records: list, context: dict):
         records.append(rec)
 
     jit_module.JITFunction.run = compile_only
-
-
-_PTXAS_SEEN: dict[str, dict] = {}
-
-
-def _ptxas(ptxas: Path, ptx: str) -> dict:
-    """Registers and spill bytes of `ptx` from `ptxas -v` (the wheel ships a newer ptxas, named -blackwell, and an
-    older one; the first that reads this PTX version answers). Cached by PTX text within the run."""
-    if ptx in _PTXAS_SEEN:
-        return _PTXAS_SEEN[ptx]
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(ptx)
-        f.flush()
-        for exe in (ptxas.with_name("ptxas-blackwell"), ptxas):
-            res = subprocess.run([str(exe), "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
-                                 capture_output=True, text=True)
-            if res.returncode == 0:
-                break
-    info = res.stderr + res.stdout
-    if res.returncode != 0:
-        return dict(ptxas_error=info[-2000:])
-    regs = re.search(r"Used (\d+) registers", info)
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
-    _PTXAS_SEEN[ptx] = dict(registers=int(regs.group(1)) if regs else None,
-                             spill_bytes=int(spill.group(1)) + int(spill.group(2)) if spill else 0)
-    return _PTXAS_SEEN[ptx]
 
 
 def _cases():
@@ -287,8 +221,8 @@ def test_every_kernel_compiles_for_sm90_within_limits(tmp_path):
     table = _table(records)
     failed = [r for r in records if "error" in r or "ptxas_error" in r]
     assert not failed, f"compile failures:\n{table}"
-    too_big = [r for r in records if r["shared"] > SMEM_LIMIT]
-    assert not too_big, f"shared memory over {SMEM_LIMIT} bytes:\n" + _table(too_big)
+    too_big = [r for r in records if r["shared"] > sm90.SMEM_LIMIT]
+    assert not too_big, f"shared memory over {sm90.SMEM_LIMIT} bytes:\n" + _table(too_big)
     spills = [r for r in records if r["production"] and r["spill_bytes"]]
     assert not spills, "register spills in bf16 production configs:\n" + _table(spills)
     missing = kernel_names() - {r["kernel"] for r in records}

@@ -14,18 +14,18 @@ quantized; e4m3 keeps 3 mantissa bits).
 """
 import json
 import os
-import re
 import subprocess
 import sys
 import zlib
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 pytest.importorskip("triton")
+
+import sm90  # noqa: E402  (tests/sm90.py)
 
 from exaserve import kernels  # noqa: E402
 from exaserve.engine import LLM, SamplingParams  # noqa: E402
@@ -35,7 +35,7 @@ from exaserve.testing import make_hf_checkpoint, quantize_fp8  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TIGHT = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-SHARED_MEMORY = 232_448          # bytes per block on an H200 (sm_90)
+SHARED_MEMORY = sm90.SMEM_LIMIT   # bytes per block on an H200 (sm_90)
 
 
 @pytest.fixture(autouse=True)
@@ -318,17 +318,11 @@ def test_production_configs_are_well_formed():
 
 # -- sm_90 compilation ------------------------------------------------------------------------------------------------
 
-def ptxas_path():
-    import triton
-    folder = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    return next((p for p in (folder / "ptxas-blackwell", folder / "ptxas") if p.exists()), None)
-
-
 def test_kernels_compile_for_sm90(tmp_path):
     """Every production tile config (kernels/configs/fp8_NVIDIA_H200.json) compiles for sm_90a through Triton's
     NVIDIA backend and ptxas (this file run as a script: a stub driver, launches only compile), within an H200's
     shared memory per block and without register spills; the kernels that quantize use the rounding cast."""
-    if ptxas_path() is None:
+    if sm90.ptxas_path() is None:
         pytest.skip("the triton wheel has no ptxas: cannot compile for sm_90 here")
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "cache"),
                TRITON_DEFAULT_FP_FUSION="1")
@@ -349,59 +343,21 @@ def test_kernels_compile_for_sm90(tmp_path):
 def _sm90_main():
     """Compile-only launches for sm_90: prints one JSON line of records (kernel, config, shared memory, ptxas
     registers and spills, whether the PTX quantizes with cvt.rn.satfinite and div.rn)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.driver import DriverBase
-    from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
-    class Sm90(DriverBase):
-        @classmethod
-        def is_active(cls):
-            return True
-
-        def __init__(self):
-            pass
-
-        def get_current_device(self):
-            return 0
-
-        def set_current_device(self, device):
-            pass
-
-        def get_current_stream(self, device=None):
-            return 0
-
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-        def get_active_torch_device(self):
-            return torch.device("cpu")
-
-        def map_python_to_cpp_type(self, ty):
-            return ty
-
-        def get_benchmarker(self):
-            raise NotImplementedError
-
-    driver.set_active(Sm90())
+    sm90.install_driver()
     records, config = [], {}
     compile_and_launch = JITFunction.run
 
     def compile_only(self, *args, grid, warmup, **kwargs):
         kernel = compile_and_launch(self, *args, grid=grid, warmup=True, **kwargs)
         ptx = kernel.asm["ptx"]
-        ptx_file = Path(f"{self.fn.__name__}_{len(records)}.ptx")
-        ptx_file.write_text(ptx)
-        info = subprocess.run([str(ptxas_path()), "-v", "--gpu-name", "sm_90a", str(ptx_file), "-o", "/dev/null"],
-                              capture_output=True, text=True)
-        spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info.stderr)
-        registers = re.findall(r"Used (\d+) registers", info.stderr)
-        if info.returncode != 0 or not spills or not registers:
-            raise RuntimeError(f"ptxas on {self.fn.__name__}: {info.stderr[-2000:]}")
+        info = sm90.ptxas_info(ptx)
+        if "ptxas_error" in info:
+            raise RuntimeError(f"ptxas on {self.fn.__name__}: {info['ptxas_error']}")
         quantizes = self.fn.__name__ in ("_quantize_kernel", "_gate_up_kernel") or kwargs.get("FUSED_QUANT", False)
         records.append(dict(kernel=self.fn.__name__, config=config.get("cfg"), shared=kernel.metadata.shared,
-                            registers=int(registers[0]), spill_stores=int(spills[0][0]),
-                            spill_loads=int(spills[0][1]), quantizes=quantizes,
+                            **info, quantizes=quantizes,
                             rounding_cast="cvt.rn.satfinite.e4m3x2.f32" in ptx, div_rn="div.rn.f32" in ptx))
 
     JITFunction.run = compile_only
