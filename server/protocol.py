@@ -215,7 +215,8 @@ class StructuredOutputsParam(_Model):
 def tool_call_tag(tools: list["ToolDef"], named: str | None, parallel: bool) -> str:
     """xgrammar structural tag forcing K-EXAONE tool calls, `<tool_call>{"name": ..., "arguments": {...}}
     </tool_call>`: one call of `named`, or one or more (just one unless parallel) of any tool in `tools`, their
-    arguments following each function's parameters schema."""
+    arguments following each function's parameters schema. A little whitespace may come first: the template's
+    turn has `</think>\n\n` before the calls."""
     def tag(function: "FunctionDef") -> dict:
         parameters = function.parameters if function.parameters is not None else {"type": "object"}
         return {"type": "tag", "begin": f'<tool_call>{{"name": {json.dumps(function.name)}, "arguments": ',
@@ -228,7 +229,8 @@ def tool_call_tag(tools: list["ToolDef"], named: str | None, parallel: bool) -> 
     else:
         form = {"type": "tags_with_separator", "tags": [tag(t.function) for t in tools], "separator": "\n",
                 "at_least_one": True, "stop_after_first": not parallel}
-    return json.dumps({"type": "structural_tag", "format": form})
+    lead = {"type": "regex", "pattern": "[ \\n]{0,4}"}
+    return json.dumps({"type": "structural_tag", "format": {"type": "sequence", "elements": [lead, form]}})
 
 
 # ---------------------------------------------------------------- requests

@@ -265,6 +265,28 @@ def test_greedy_with_mtp_drafts_equals_plain_under_a_grammar(tiny_model):
             assert re.fullmatch("[a-z]{2,6}( [a-z]{2,6}){1,3}", o.text)
 
 
+def test_tensor_parallel_samples_under_the_grammar_as_one_rank(tiny_model):
+    """tp=2: the matchers and masks live on rank 0, where sampling happens; the tokens are those of one rank."""
+    prompts = [[1, 310 + 9 * i, 420 + i] for i in range(4)]
+    params = [SamplingParams(max_tokens=120, temperature=0, structured_outputs=StructuredOutput(json=SCHEMA)),
+              SamplingParams(max_tokens=48, temperature=1.0, seed=4,
+                             structured_outputs=StructuredOutput(choice=("Seoul", "Busan", "Daegu")))] * 2
+    outs = {}
+    for tp in (1, 2):
+        llm = LLM(str(tiny_model), dtype="float32", max_num_seqs=4, tensor_parallel_size=tp)
+        try:
+            outs[tp] = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+        finally:
+            llm.engine.close()
+    assert [o.token_ids for o in outs[2]] == [o.token_ids for o in outs[1]]
+    for i, o in enumerate(outs[2]):
+        assert o.finish_reason == "stop"
+        if i % 2 == 0:
+            jsonschema.validate(json.loads(o.text), SCHEMA)
+        else:
+            assert o.text in ("Seoul", "Busan", "Daegu")
+
+
 def test_draft_probe_masks_the_first_rejected_draft_and_rolls_back(tokenizer):
     grammars = Grammars(tokenizer, 1024, [53])
     state = grammars.state(StructuredOutput(choice=("abc",)))

@@ -83,14 +83,19 @@ def test_tool_choice_none_keeps_the_call_as_text(client):
     assert (choice.message.tool_calls, choice.finish_reason) == (None, "stop")
 
 
-def test_named_tool_choice_keeps_only_calls_to_that_function(client):
+def test_named_tool_choice_forces_a_call_to_that_function(client):
     named = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, TIME], **GREEDY,
                                            tool_choice={"type": "function", "function": {"name": "get_weather"}})
-    assert [c.function.name for c in named.choices[0].message.tool_calls] == ["get_weather"]
+    (call,) = named.choices[0].message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Seoul"})
+    # the script calls get_weather; the grammar makes it call get_time instead (with its only arguments, {})
     other = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER, TIME], **GREEDY,
                                            tool_choice={"type": "function", "function": {"name": "get_time"}})
     (choice,) = other.choices
-    assert (choice.message.tool_calls, choice.message.content, choice.finish_reason) == (None, None, "stop")
+    (call,) = choice.message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_time", {})
+    assert (choice.message.content, choice.finish_reason) == (None, "tool_calls")
+    assert choice.message.reasoning_content == REASONING    # the reasoning before </think> stays free
 
 
 def test_the_call_and_its_result_go_back_into_the_conversation(client):
