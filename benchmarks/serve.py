@@ -23,6 +23,10 @@ generated tokens; ITL is the gap between such chunks (a chunk may carry several 
 holds back tokens which decode to no text yet sends fewer chunks); TPOT is (latency - TTFT) / (output
 tokens - 1).
 
+--json-schema FILE sends that JSON schema as response_format (type json_schema) with every request, to measure
+structured-output decoding against the same run without it; a schema that cannot end before --output-len (e.g.
+benchmarks/schema_records.json, a long array of records) keeps every request constrained to its last token.
+
 --sweep-concurrency 1,8,32 runs the workload at each level and plots TTFT and TPOT p50 against output
 throughput; --plot A.json B.json ... draws the runs of several result files (e.g. two servers) in one PNG.
 """
@@ -472,6 +476,9 @@ async def run_level(args, prompts: list[Prompt], model: str, concurrency: int | 
     target = Target(args.base_url, args.api_key, args.request_timeout)
     common = {"model": model, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
               "temperature": args.temperature}
+    if args.json_schema:
+        common["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": args.json_schema.stem, "schema": json.loads(args.json_schema.read_text())}}
     limit = concurrency or len(prompts)
     # not measured: first-call costs (allocations, lazy imports); a multi-turn warm-up talks of something else
     warmups = [Prompt({"messages": [{"role": "user", "content": "warm up"}]}, 2, 8)] * args.warmup \
@@ -716,6 +723,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="POST /reset_prefix_cache before each level (after its warm-up)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--temperature", type=float, default=0.0, help="sent with every request (0: greedy)")
+    ap.add_argument("--json-schema", type=Path, metavar="FILE",
+                    help="send this JSON schema as response_format with every request (structured outputs)")
     ap.add_argument("--request-rate", type=_rate, default=math.inf, help="requests/s (Poisson), inf: all at once")
     ap.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps; 1 = Poisson")
     ap.add_argument("--max-concurrency", type=int, help="requests in flight at most (default: no limit)")
