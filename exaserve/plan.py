@@ -9,7 +9,8 @@ counts per rank:
   (the router fp32, as the engine keeps it); the KV cache stays bf16;
 - KV cache bytes, as KVCache.create (engine/kv_cache.py) sizes its pools: global layers store K and V of this
   rank's kv heads for every token (paged), sliding layers a ring of `sliding_window + num_speculative_tokens`
-  tokens per sequence (one more ring layer for the MTP block when drafting);
+  tokens per sequence (one more ring layer for the MTP block when drafting); with prefix caching (on, as in
+  the engine; --no-enable-prefix-caching) the rings' block snapshots take 1/8 of what the rings leave;
 - how many sequences of 32K / 128K / 256K tokens fit in `gpu_memory * utilization - weights - reserve`, where
   the reserve (default 2 GiB) stands for activations, workspace and CUDA graphs: an estimate, not a measurement.
 """
@@ -25,6 +26,7 @@ import torch
 from exaserve import kernels
 from exaserve.kernels import fp8 as fp8_layout
 from exaserve.engine.config import MAX_SPECULATIVE_TOKENS, ModelConfig
+from exaserve.engine.kv_cache import SNAPSHOT_SHARE
 from exaserve.engine.model import MLP, ExaoneMoeModel, MoE
 from exaserve.engine.parallel import Parallel
 
@@ -81,7 +83,8 @@ def kv_bytes(cfg: ModelConfig, par: Parallel, dtype: torch.dtype, num_speculativ
 
 def plan(cfg: ModelConfig, *, tp: int = 1, expert_parallel: bool = False, dtype: str = "bfloat16",
          mtp: bool = False, gpu_memory: int = 141 * GiB, utilization: float = 0.9, reserve: int = 2 * GiB,
-         max_num_seqs: int = 64, block_size: int = 16, num_speculative_tokens: int = 0) -> dict:
+         max_num_seqs: int = 64, block_size: int = 16, num_speculative_tokens: int = 0,
+         prefix_caching: bool = True) -> dict:
     """The memory plan of every rank and the totals, as plain data (what --json prints). ValueError when a size
     does not divide (the engine's message) or the options contradict the config."""
     if num_speculative_tokens and not mtp:
@@ -104,11 +107,13 @@ def plan(cfg: ModelConfig, *, tp: int = 1, expert_parallel: bool = False, dtype:
         # than max_num_seqs sequences of max_model_len (serve's default: max_position_embeddings) could use
         block_bytes = block_size * per_token
         useful = max_num_seqs * -(-cfg.max_position_embeddings // block_size)
-        blocks = min(useful, max(0, budget - max_num_seqs * ring) // block_bytes) if block_bytes else 0
+        # (with prefix caching, the rings' block snapshots take up to 1/SNAPSHOT_SHARE of what the rings leave)
+        share = SNAPSHOT_SHARE if prefix_caching and cfg.sliding_layers else 0
+        blocks = min(useful, _block_room(budget - max_num_seqs * ring, share) // block_bytes) if block_bytes else 0
         ranks.append({
             "rank": rank, "weight_bytes": weights, "kv_budget_bytes": budget, "fits": budget > 0,
             "kv_bytes_per_token": per_token, "ring_bytes_per_seq": ring,
-            "max_seqs": {str(n): _sequences(budget, ring, per_token, block_size, n) for n in CONTEXTS},
+            "max_seqs": {str(n): _sequences(budget, ring, per_token, block_size, n, share) for n in CONTEXTS},
             "engine_pool": {"ring_bytes": max_num_seqs * ring, "num_blocks": blocks},
         })
     return {
@@ -134,9 +139,20 @@ def plan(cfg: ModelConfig, *, tp: int = 1, expert_parallel: bool = False, dtype:
     }
 
 
-def _sequences(budget: int, ring: int, per_token: int, block_size: int, context: int) -> int:
+def _block_room(rest: int, share: int) -> int:
+    """Bytes for blocks out of what the rings leave, as KVCache.create splits it (share: SNAPSHOT_SHARE, or 0
+    without ring snapshots)."""
+    rest = max(0, rest)
+    return rest - (rest // share if share else 0)
+
+
+def _sequences(budget: int, ring: int, per_token: int, block_size: int, context: int, share: int = 0) -> int:
     """Sequences of `context` tokens whose KV (a ring slot each, plus whole blocks) fits in budget."""
-    return max(0, budget) // (ring + per_token * block_size * -(-context // block_size))
+    need = per_token * block_size * -(-context // block_size)
+    n = max(0, budget) // (ring + need)
+    while n > 0 and _block_room(budget - n * ring, share) < n * need:
+        n -= 1
+    return n
 
 
 def _k(n: int) -> str:
@@ -242,6 +258,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-num-seqs", type=_positive, default=64, help="seats of serve's ring pool")
     parser.add_argument("--block-size", type=_positive, default=16, help="tokens per KV block (global layers)")
     parser.add_argument("--num-speculative-tokens", type=speculative, default=0, help="MTP draft tokens per step")
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                        help="as serve's: the ring snapshots of cached prefixes take 1/8 of the KV room")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     return parser
 
@@ -255,7 +273,8 @@ def main(argv: list[str]) -> int:
         p = plan(cfg, tp=args.tensor_parallel_size, expert_parallel=args.enable_expert_parallel, dtype=dtype,
                  mtp=mtp, gpu_memory=args.gpu_memory, utilization=args.gpu_memory_utilization, reserve=args.reserve,
                  max_num_seqs=args.max_num_seqs, block_size=args.block_size,
-                 num_speculative_tokens=args.num_speculative_tokens)
+                 num_speculative_tokens=args.num_speculative_tokens,
+                 prefix_caching=args.enable_prefix_caching)
     except (OSError, ValueError) as exc:   # no such file, a config we cannot serve, a size that does not divide
         print(f"exaserve plan: {exc}", file=sys.stderr)
         return 2

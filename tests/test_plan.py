@@ -95,18 +95,25 @@ def test_fp8_counts_one_byte_per_quantized_weight_and_a_scale_per_block(tmp_path
 def test_kv_bytes_are_what_kv_cache_create_allocates(checkpoint, capsys, tp, spec):
     cfg = ModelConfig.from_pretrained(checkpoint)
     for memory in ("8MiB", "141GiB"):     # the blocks bounded by the memory, then by max_num_seqs full sequences
-        plan = _plan(capsys, "--model", checkpoint, "-tp", tp, "--gpu-memory", memory, "--reserve", "0",
-                     "--max-num-seqs", 8, "--block-size", 32, "--num-speculative-tokens", spec)
-        for rank, r in enumerate(plan["ranks"]):
-            kv = KVCache.create(cfg, kv_cache_memory=r["kv_budget_bytes"], max_num_seqs=8, block_size=32,
-                                max_model_len=cfg.max_position_embeddings, max_rollback=spec,
-                                extra_ring_layers=1 if spec else 0, dtype=torch.float32, device="meta",
-                                num_kv_heads=Parallel(rank, tp).kv_heads(cfg.num_kv_heads)[1])
+        args = ("--model", checkpoint, "-tp", tp, "--gpu-memory", memory, "--reserve", "0", "--max-num-seqs", 8,
+                "--block-size", 32, "--num-speculative-tokens", spec)
+        plain, cached = _plan(capsys, *args, "--no-enable-prefix-caching"), _plan(capsys, *args)
+        for rank, (r, c) in enumerate(zip(plain["ranks"], cached["ranks"])):
+            def create(prefix_caching):
+                return KVCache.create(cfg, kv_cache_memory=r["kv_budget_bytes"], max_num_seqs=8, block_size=32,
+                                      max_model_len=cfg.max_position_embeddings, max_rollback=spec,
+                                      extra_ring_layers=1 if spec else 0, dtype=torch.float32, device="meta",
+                                      num_kv_heads=Parallel(rank, tp).kv_heads(cfg.num_kv_heads)[1],
+                                      prefix_caching=prefix_caching)
+            kv = create(False)
             assert r["kv_bytes_per_token"] == kv.paged.nbytes // (kv.paged.num_blocks * 32)
             assert r["ring_bytes_per_seq"] == kv.ring.nbytes // 8
             assert r["engine_pool"] == {"ring_bytes": kv.ring.nbytes, "num_blocks": kv.paged.num_blocks}
             per_seq = r["ring_bytes_per_seq"] + 32 * 1024 * r["kv_bytes_per_token"]
             assert r["max_seqs"]["32768"] == r["kv_budget_bytes"] // per_seq
+            # prefix caching (serve's default): the ring snapshots' share leaves the blocks KVCache.create makes
+            assert c["engine_pool"]["num_blocks"] == create(True).paged.num_blocks
+            assert c["max_seqs"]["32768"] <= r["max_seqs"]["32768"]
 
 
 def test_sizes_that_do_not_divide_and_bad_options_exit_2(checkpoint, tmp_path, capsys):
