@@ -33,8 +33,9 @@ def pack_parameter(param: torch.Tensor, part: int | None = None) -> None:
 
 
 def _kernel_scale(w):
-    """The C++ kernels' copy of an FP8 weight's scales: times 2^8 (kernels/cpu/vec.h: load_fp8)."""
-    return (fp8.parts(w)[0] * 256.0).contiguous()
+    """The C++ kernels' copy of an FP8 weight's scales: times the power of two their FP8 loads need
+    (kernels/cpu/gemm.h: FP8_SCALE_EXP)."""
+    return (fp8.parts(w)[0] * 2.0 ** _ext().fp8_scale_exp()).contiguous()
 
 
 def _packed(w, part=None):

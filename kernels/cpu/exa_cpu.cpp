@@ -34,6 +34,7 @@
 #endif
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "packed copy of a weight [..., N, K] in parts of `part` rows");
+  m.def("fp8_scale_exp", [] { return FP8_SCALE_EXP; }, "the power of two FP8 weights' kernel scales carry");
   m.def("linear", &linear_op, "x [M, K] fp32 @ w [N, K] (packed; fp32, bf16, or FP8 with scales)^T -> [M, N] fp32"
         EXA_COMPUTE_GUARD);
   m.def("moe", &moe, "routed + shared experts in one call" EXA_COMPUTE_GUARD);

@@ -86,24 +86,46 @@ inline void load_row(const int8_t* p, vf* w) {  // the int8 screen of an lm_head
     std::memcpy(&w[v], &f, sizeof w[v]);
   }
 }
-// FP8 e4m3, times 2^-8. Bit trick: a sign-extended byte shifted left 7 is an fp16 with the byte's sign, its 4
-// exponent bits in the low 4 of the 5 and its 3 mantissa bits on top: 2^-8 times the e4m3 value for normal and
-// subnormal values alike (the fp16 bias is 15, e4m3's 7); bit 14 holds a copy of the sign, cleared. F16C
-// widens fp16 exactly. The byte 0x7f / 0xff (e4m3's NaN) reads as 1.875: quantized weights never hold NaN.
+// FP8 e4m3 rows. The values come scaled by 2^FP8_LOAD_EXP (exactly: only the exponent moves); the kernels'
+// scales carry 2^FP8_SCALE_EXP (cpu_ops multiplies them in) and outputs are multiplied by FP8_OUT, which undoes
+// both. The byte 0x7f / 0xff (e4m3's NaN) reads as a finite value: quantized weights never hold NaN.
+#if defined(__x86_64__) && defined(__AVX2__) && !defined(__AVX512F__)
+// AVX2: 32 bytes to 32 fp32 in 11 single-uop instructions. Each byte goes to the high byte of a 16-bit lane
+// (unpack with zero), an arithmetic shift right by 4 and a mask leave bf16 bits: the sign, e4m3's 4 exponent
+// bits as the low 4 of bf16's 8, its 3 mantissa bits on top: 2^-120 times the value, normal and subnormal alike
+// (bias 127 against 7); a second unpack makes them fp32. The unpacks work within 128-bit halves, so a full
+// panel's k-row stores its columns in the order that brings columns 8v..8v+7 out as vector v (fp8_slot).
+// Subnormal e4m3 values (|q| < 2^-6, rare in block-scaled weights) become fp32 denormals: exact unless the
+// process flushes denormals (DAZ), where they read as 0. Scales 2^60 and outputs 2^60 keep every product and
+// partial sum in the normal range.
+constexpr int FP8_LOAD_EXP = -120, FP8_SCALE_EXP = 60;
+inline int fp8_slot(int j) {
+  const int v = j / 8, i = j % 8;
+  return i < 4 ? 4 * v + i : 16 + 4 * v + i - 4;
+}
+inline void load_row(const uint8_t* p, vf* w) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), z = _mm256_setzero_si256();
+  const __m256i m = _mm256_set1_epi16(int16_t(0x87FF));
+  const __m256i lo = _mm256_and_si256(_mm256_srai_epi16(_mm256_unpacklo_epi8(z, x), 4), m);
+  const __m256i hi = _mm256_and_si256(_mm256_srai_epi16(_mm256_unpackhi_epi8(z, x), 4), m);
+  const __m256i r[4] = {_mm256_unpacklo_epi16(z, lo), _mm256_unpackhi_epi16(z, lo), _mm256_unpacklo_epi16(z, hi),
+                        _mm256_unpackhi_epi16(z, hi)};
+  std::memcpy(w, r, sizeof r);
+}
+#else
+// AVX-512 (or elsewhere): a sign-extended byte shifted left 7 is an fp16 with the byte's sign, its 4 exponent bits
+// in the low 4 of the 5 and its 3 mantissa bits on top: 2^-8 times the value, normal and subnormal alike (bias 15
+// against 7); bit 14 holds a copy of the sign, cleared. F16C widens fp16 exactly. Columns in plain order.
+constexpr int FP8_LOAD_EXP = -8, FP8_SCALE_EXP = 8;
+inline int fp8_slot(int j) { return j; }
 inline void load_row(const uint8_t* p, vf* w) {
   for (int c = 0; c < PW / 16; ++c) {  // 16 columns at a time
-#if defined(__x86_64__) && defined(__AVX2__) && defined(__F16C__)
+#if defined(__x86_64__) && defined(__AVX512F__) && defined(__F16C__)
     const __m256i h = _mm256_and_si256(
         _mm256_slli_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * c))), 7),
         _mm256_set1_epi16(int16_t(0xBFFF)));
-#if defined(__AVX512F__)
     const __m512 f = _mm512_cvtph_ps(h);
     std::memcpy(&w[c], &f, sizeof f);
-#else
-    const __m256 lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h)), hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
-    std::memcpy(&w[2 * c], &lo, sizeof lo);
-    std::memcpy(&w[2 * c + 1], &hi, sizeof hi);
-#endif
 #else
     float f[16];
     for (int i = 0; i < 16; ++i) {  // the same values without F16C: sign, exponent e, mantissa m
@@ -115,6 +137,8 @@ inline void load_row(const uint8_t* p, vf* w) {
 #endif
   }
 }
+#endif
+const float FP8_OUT = std::ldexp(1.0f, -FP8_LOAD_EXP - FP8_SCALE_EXP);
 
 // MR rows of x against one full-width panel [K][32]; writes the first `ncols` columns. W = uint8_t: an FP8 panel
 // with scales s[K / bk blocks]: each row's x is scaled per block (x * s, then times the weights).
@@ -164,6 +188,7 @@ inline void ukernel(const float* const* x, const W* panel, int K, float* out, in
     for (int v = 0; v < NV; ++v) {
       vf r = acc[0][m][v];
       if constexpr (PH == 2) r += acc[1][m][v];
+      if constexpr (F8) r *= FP8_OUT;
       storev(o + v * VL, r);
     }
     if (ncols != PW) std::memcpy(out + m * ldo, tmp, ncols * sizeof(float));
@@ -223,10 +248,10 @@ void gemm_panels(const float* const* x, int M, const W* part, int R, int K, int 
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// FP8 weights (kernels/fp8.py): float8 e4m3 values in the packed layout (plain column order; a weight in several
-// parts has parts of whole panels) and one fp32 scale per panel and block of bk k-rows, premultiplied by 2^8
-// (load_fp8 returns the values times 2^-8). A step reads one byte per weight and computes in fp32: the
-// dequantized weights' result up to summation order.
+// FP8 weights (kernels/fp8.py): float8 e4m3 values in the packed layout (full-width panels in fp8_slot order; a
+// weight in several parts has parts of whole panels) and one fp32 scale per panel and block of bk k-rows, times
+// 2^FP8_SCALE_EXP (see load_row). A step reads one byte per weight and computes in fp32: the dequantized
+// weights' result up to summation order.
 
 struct Fp8W {
   const uint8_t* q;  // this part's panels
@@ -263,9 +288,10 @@ inline void gemm_panels(const float* const* x, int M, Fp8W part, int R, int K, i
     const int width = std::min(PW, R - p * PW);
     const uint8_t* panel = part.q + int64_t(p) * PW * K;
     const float* s = part.s + int64_t(p) * part.KB;
-    if (width < PW) {  // plain [K][width] -> [K][PW]
+    if (width < PW) {  // plain [K][width] -> a full-width panel, zero-padded
       pad.assign(size_t(K) * PW, 0);
-      for (int k = 0; k < K; ++k) std::memcpy(pad.data() + size_t(k) * PW, panel + size_t(k) * width, width);
+      for (int k = 0; k < K; ++k)
+        for (int j = 0; j < width; ++j) pad[size_t(k) * PW + fp8_slot(j)] = panel[size_t(k) * width + j];
       panel = pad.data();
     }
     float* o = out + (p - p0) * PW;
@@ -277,7 +303,7 @@ inline void gemm_panels(const float* const* x, int M, Fp8W part, int R, int K, i
           if (PREFETCH > 0) __builtin_prefetch(panel + (k + PREFETCH) * PW, 0, EXA_PF_LOCALITY);
           vf w[NV];
           load_row(panel + k * PW, w);
-          for (int v = 0; v < NV; ++v) storev(wide.data() + size_t(k) * PW + v * VL, w[v] * sc);
+          for (int v = 0; v < NV; ++v) storev(wide.data() + size_t(k) * PW + v * VL, w[v] * sc * FP8_OUT);
         }
       }
       panel_rows<float>(x, M, wide.data(), K, o, ldo, width);
@@ -332,9 +358,9 @@ int panels_per_item(int64_t total_panels, int hi) {
 }
 
 
-// pairs: full-width panels in the interleaved bf16 order (bf16_slot)
+// slot_of: where column j of a full-width panel goes (bf16_slot, fp8_slot), plain order without
 template <typename T>
-void pack_impl(const T* src, T* dst, int64_t batch, int64_t N, int64_t K, int64_t part, bool pairs = false) {
+void pack_impl(const T* src, T* dst, int64_t batch, int64_t N, int64_t K, int64_t part, int (*slot_of)(int) = nullptr) {
   const int64_t parts = N / part, panels = cdiv(part, PW);
   at::parallel_for(0, batch * parts * panels, 1, [&](int64_t a, int64_t b) {
     for (int64_t i = a; i < b; ++i) {
@@ -343,7 +369,7 @@ void pack_impl(const T* src, T* dst, int64_t batch, int64_t N, int64_t K, int64_
       const T* s = src + base + p * PW * K;
       T* d = dst + base + p * PW * K;
       for (int64_t j = 0; j < width; ++j) {
-        const int64_t slot = pairs && width == PW ? bf16_slot(int(j)) : j;
+        const int64_t slot = slot_of && width == PW ? slot_of(int(j)) : j;
         for (int64_t k = 0; k < K; ++k) d[k * width + slot] = s[j * K + k];
       }
     }
@@ -367,10 +393,10 @@ torch::Tensor pack(torch::Tensor w, int64_t part) {
                 " rows, got ", part);
   if (w.scalar_type() == at::kBFloat16)
     pack_impl(reinterpret_cast<const int16_t*>(w.data_ptr()), reinterpret_cast<int16_t*>(out.data_ptr()), batch,
-              N, K, part, /*pairs=*/true);
+              N, K, part, bf16_slot);
   else if (is_fp8(w))
     pack_impl(reinterpret_cast<const uint8_t*>(w.data_ptr()), reinterpret_cast<uint8_t*>(out.data_ptr()), batch, N,
-              K, part);
+              K, part, fp8_slot);
   else if (w.scalar_type() == at::kChar)
     pack_impl(w.data_ptr<int8_t>(), out.data_ptr<int8_t>(), batch, N, K, part);
   else
