@@ -109,6 +109,10 @@ class AsyncEngine:
         invalid request, RequestFailedError when an internal fault fails it, EngineDeadError once the engine is gone."""
         if not self.is_healthy():
             raise EngineDeadError(f"the engine stopped: {self.failure!r}")
+        grammar = params.structured_outputs
+        if grammar is not None and not self.core.grammars.submit(grammar).done():
+            # a grammar compiles off the event loop (the server's validate compiled it already: no wait there)
+            await asyncio.to_thread(self.core.grammars.compile, grammar)
         self.core.validate(prompt_token_ids, params)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in flight")

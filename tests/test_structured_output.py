@@ -287,6 +287,28 @@ def test_tensor_parallel_samples_under_the_grammar_as_one_rank(tiny_model):
             assert o.text in ("Seoul", "Busan", "Daegu")
 
 
+def test_async_engine_compiles_off_its_event_loop(tiny_model):
+    """AsyncEngine.add_request with a grammar it has not compiled yet: compiled in a thread, then served; an invalid
+    one raises ValueError with the library's message."""
+    from exaserve.engine import AsyncEngine
+    engine = AsyncEngine(str(tiny_model), dtype="float32", max_num_seqs=4)
+
+    async def main():
+        params = SamplingParams(max_tokens=20, temperature=1.0, seed=2,
+                                structured_outputs=StructuredOutput(regex="[0-9]{4}"))
+        text = "".join([d.text async for d in engine.add_request("r0", [1, 300, 301], params)])
+        with pytest.raises(ValueError, match="Unclosed"):
+            bad = SamplingParams(max_tokens=5, structured_outputs=StructuredOutput(regex="[0-"))
+            async for _ in engine.add_request("r1", [1, 300, 301], bad):
+                pass
+        return text
+
+    try:
+        assert re.fullmatch("[0-9]{4}", asyncio.run(main()))
+    finally:
+        engine.shutdown()
+
+
 def test_draft_probe_masks_the_first_rejected_draft_and_rolls_back(tokenizer):
     grammars = Grammars(tokenizer, 1024, [53])
     state = grammars.state(StructuredOutput(choice=("abc",)))
