@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from exaserve import kernels
-from exaserve.kernels import fp8 as fp8_layout
 from exaserve.engine.config import MAX_SPECULATIVE_TOKENS, ModelConfig
 from exaserve.engine.kv_cache import SNAPSHOT_SHARE
 from exaserve.engine.model import MLP, ExaoneMoeModel, MoE
 from exaserve.engine.parallel import Parallel
+from exaserve.kernels import fp8 as fp8_layout
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 CONTEXTS = (32 * 1024, 128 * 1024, 256 * 1024)

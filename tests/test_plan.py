@@ -99,8 +99,8 @@ def test_kv_bytes_are_what_kv_cache_create_allocates(checkpoint, capsys, tp, spe
                 "--block-size", 32, "--num-speculative-tokens", spec)
         plain, cached = _plan(capsys, *args, "--no-enable-prefix-caching"), _plan(capsys, *args)
         for rank, (r, c) in enumerate(zip(plain["ranks"], cached["ranks"])):
-            def create(prefix_caching):
-                return KVCache.create(cfg, kv_cache_memory=r["kv_budget_bytes"], max_num_seqs=8, block_size=32,
+            def create(prefix_caching, budget=r["kv_budget_bytes"], rank=rank):
+                return KVCache.create(cfg, kv_cache_memory=budget, max_num_seqs=8, block_size=32,
                                       max_model_len=cfg.max_position_embeddings, max_rollback=spec,
                                       extra_ring_layers=1 if spec else 0, dtype=torch.float32, device="meta",
                                       num_kv_heads=Parallel(rank, tp).kv_heads(cfg.num_kv_heads)[1],

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import sm90
 
-
 # -- the child process: stub driver, compile-only launcher ------------------------------------------------
 
 def _install_stub(records: list, context: dict):
