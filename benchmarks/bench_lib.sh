@@ -103,7 +103,7 @@ bench() {
     echo "   healthy after ${startup} s"
     "$BENCH_PYTHON" "$ROOT/benchmarks/serve.py" --base-url "http://127.0.0.1:$PORT" --model bench \
       --tokenizer "$CKPT" --dataset random --input-len 256 --output-len 128 --num-prompts "$NUM_PROMPTS" \
-      --sweep-concurrency "$LEVELS" --label "$name" --result-file "$result" || status=$?
+      --sweep-concurrency "$LEVELS" --label "$name" --result-file "$result" ${CLIENT_ARGS:-} || status=$?
   fi
   kill -TERM -- "-$pid" 2>/dev/null || true
   for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done

@@ -7,6 +7,7 @@
 #   benchmarks/fp8.sh                  # all three (llama.cpp: built per ../shared/peers/README.md)
 #   NO_LLAMA=1 benchmarks/fp8.sh       # exaserve bf16 and FP8 only
 #
+# Every level sends fresh prompts (CLIENT_ARGS=--fresh-prompts: no prefix-cache hits from an earlier level).
 # Environment: as compare.sh, plus PEERS (llama.cpp build and converter; default ~/.cache/exaserve-peers),
 # LLAMA_SERVER (default $PEERS/llama-server-build/bin/llama-server), PEERS_SCRIPTS (the peers/ folder with
 # to_gguf.sh; default ../shared/peers beside the repo).
@@ -23,6 +24,7 @@ mkdir -p "$RESULTS" "$LOGS"
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 make_bench_checkpoint
 "$BENCH_PYTHON" -m exaserve.cli build-kernels >/dev/null
+export CLIENT_ARGS=${CLIENT_ARGS:---fresh-prompts}
 
 exaserve=("$BENCH_PYTHON" -m exaserve.cli serve --model "$CKPT" --dtype bfloat16 --host 127.0.0.1 --port "$PORT"
           --served-model-name bench --max-num-seqs 32 --max-num-batched-tokens 2048 --max-model-len "$MAX_MODEL_LEN"
@@ -32,6 +34,12 @@ bench exaserve-fp8 "$LOGS/exaserve-fp8.log" "${exaserve[@]}" --quantization fp8 
 
 if [[ -z ${NO_LLAMA:-} ]]; then
   gguf=$CKPT-q8_0.gguf
+  # llama.cpp's converter needs "scoring_func": "sigmoid" (what exaone_moe computes) in config.json
+  grep -q '"scoring_func"' "$CKPT/config.json" || "$BENCH_PYTHON" - "$CKPT/config.json" <<'PY'
+import json, sys
+cfg = json.load(open(sys.argv[1]))
+json.dump({**cfg, "scoring_func": "sigmoid"}, open(sys.argv[1], "w"), indent=2)
+PY
   if [[ ! -x $LLAMA_SERVER ]]; then
     echo "!! no llama-server at $LLAMA_SERVER (build it: $PEERS_SCRIPTS/README.md)"
   else

@@ -722,6 +722,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--reset-prefix-cache", action="store_true",
                     help="POST /reset_prefix_cache before each level (after its warm-up)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fresh-prompts", action="store_true",
+                    help="with --sweep-concurrency: other prompts at each level (seed + 1000 per level), so no "
+                         "engine's prefix cache serves a level from an earlier one")
     ap.add_argument("--temperature", type=float, default=0.0, help="sent with every request (0: greedy)")
     ap.add_argument("--json-schema", type=Path, metavar="FILE",
                     help="send this JSON schema as response_format with every request (structured outputs)")
@@ -796,7 +799,11 @@ def main(argv=None) -> int:
           file=sys.stderr)
 
     runs = []
-    for level in levels:
+    for i, level in enumerate(levels):
+        if args.fresh_prompts and i:   # new prompts at each level: no engine reuses an earlier level's prefixes
+            args.seed += 1000
+            prompts = build_prompts(args, tokenizer)
+            conversations = build_conversations(args, tokenizer) if args.dataset == "multi-turn" else None
         load_before = os.getloadavg()[0]
         run = _run_loop(run_level(args, prompts, model, level, conversations))
         # The machine's 1-minute load average around the run: other work on it skews every number.
