@@ -1,6 +1,8 @@
 """Inputs shared by the kernel tests (Triton: tests/test_kernels.py, C++ CPU: tests/test_cpu_kernels.py): random
 tensors, the MoE and attention edge-case batches, and the error check. `device` defaults to CUDA when there is
 one."""
+import contextlib
+
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -103,3 +105,17 @@ RING_CASES = {
 }
 
 
+@contextlib.contextmanager
+def poisoned():
+    """torch.empty / torch.empty_like hand out NaN-filled floats while the kernel wrapper runs."""
+    real_empty, real_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch.empty = lambda *a, **kw: poison(real_empty(*a, **kw))
+    torch.empty_like = lambda *a, **kw: poison(real_like(*a, **kw))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = real_empty, real_like

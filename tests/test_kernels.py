@@ -5,7 +5,6 @@ Inputs are fresh per case (seeded from the test id, so a failure replays); every
 allocates is filled with NaN first, so an element the kernel forgets to write shows up. Error is
 max |out - ref| / max |ref|.
 """
-import contextlib
 import subprocess
 import sys
 import zlib
@@ -22,6 +21,7 @@ from kernel_cases import (  # noqa: E402
     RING_CASES,
     check,
     paged_batch,
+    poisoned,
     qkv_views,
     randn,
     ring_batch,
@@ -40,22 +40,6 @@ F32_F16 = [torch.float32, torch.float16]
 @pytest.fixture(autouse=True)
 def _seed(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
-
-
-@contextlib.contextmanager
-def poisoned():
-    """torch.empty / torch.empty_like hand out NaN-filled floats while the kernel wrapper runs."""
-    real_empty, real_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    torch.empty = lambda *a, **kw: poison(real_empty(*a, **kw))
-    torch.empty_like = lambda *a, **kw: poison(real_like(*a, **kw))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = real_empty, real_like
 
 
 def run(fn, *args, **kwargs):

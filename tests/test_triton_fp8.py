@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 import zlib
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 import sm90  # noqa: E402  (tests/sm90.py)
+from kernel_cases import poisoned  # noqa: E402
 
 from exaserve import kernels  # noqa: E402
 from exaserve.engine import LLM, SamplingParams  # noqa: E402
@@ -41,22 +41,6 @@ SHARED_MEMORY = sm90.SMEM_LIMIT   # bytes per block on an H200 (sm_90)
 @pytest.fixture(autouse=True)
 def _seed(request):
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
-
-
-@contextmanager
-def poisoned():
-    """torch.empty / empty_like hand out NaN-filled floats while a kernel wrapper runs: unwritten outputs show."""
-    real_empty, real_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    torch.empty = lambda *a, **kw: poison(real_empty(*a, **kw))
-    torch.empty_like = lambda *a, **kw: poison(real_like(*a, **kw))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = real_empty, real_like
 
 
 # -- the reference ----------------------------------------------------------------------------------------------
