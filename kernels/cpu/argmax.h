@@ -33,18 +33,18 @@ torch::Tensor argmax_rows(torch::Tensor x) {
   at::parallel_for(0, S, 1, [&](int64_t a, int64_t b) {
     for (int64_t r = a; r < b; ++r) {
       const float* row = xp + r * ld;
-      typedef int32_t i16v __attribute__((vector_size(64)));
-      v16 mx = v16{} - std::numeric_limits<float>::infinity();
-      i16v nan{};
+      typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
+      vf mx = vf{} - std::numeric_limits<float>::infinity();
+      vi nan{};
       int64_t i = 0;
-      for (; i + 16 <= V; i += 16) {
-        const v16 v = load(row + i);
+      for (; i + VL <= V; i += VL) {
+        const vf v = loadv(row + i);
         mx = v > mx ? v : mx;
         nan |= v != v;
       }
       bool any_nan = false;
       float m = mx[0];
-      for (int j = 0; j < 16; ++j) {
+      for (int j = 0; j < VL; ++j) {
         m = std::max(m, mx[j]);
         any_nan |= nan[j] != 0;
       }

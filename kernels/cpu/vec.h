@@ -1,6 +1,5 @@
-// Vector helpers: GCC vector types (16 floats = one AVX-512 register; split by the compiler on narrower ISAs),
-// loads that widen bf16 / int8 to fp32, horizontal sums, dot / axpy, a vectorised e^x, exp-sum and silu * mul.
-// x86 intrinsics are used only on x86-64 with AVX-512 (the int8 load); elsewhere the generic code below.
+// Vector helpers in GCC vector types of the machine's own width (vf: VL floats, 8 with AVX2, 16 with AVX-512):
+// loads and stores, bf16 -> fp32, horizontal sums, dot / axpy, a vectorised e^x, exp-sum and silu * mul.
 #pragma once
 
 #include <cmath>
@@ -14,39 +13,11 @@
 namespace {
 
 typedef float v16 __attribute__((vector_size(64)));
-typedef uint16_t h16 __attribute__((vector_size(32)));
-typedef uint32_t u16 __attribute__((vector_size(64)));
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v4 __attribute__((vector_size(16)));
 typedef float v2 __attribute__((vector_size(8)));
 
 using bf16 = uint16_t;
-
-inline v16 load(const float* p) {
-  v16 r;
-  std::memcpy(&r, p, sizeof r);
-  return r;
-}
-inline v16 load(const bf16* p) {  // 16 bf16 -> fp32: the bf16 bits are the high half of the fp32
-  h16 h;
-  std::memcpy(&h, p, sizeof h);
-  u16 u = __builtin_convertvector(h, u16) << 16;
-  v16 r;
-  std::memcpy(&r, &u, sizeof r);
-  return r;
-}
-inline v16 load(const int8_t* p) {  // 16 int8 -> fp32 (exact)
-  // AVX-512 on x86-64 only: GCC scalarises the generic conversion below: two instructions instead of ~50
-#if (defined(__x86_64__) || defined(_M_X64)) && defined(__AVX512F__)
-  return (v16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-#else
-  typedef int8_t c16 __attribute__((vector_size(16)));
-  c16 c;
-  std::memcpy(&c, p, sizeof c);
-  return __builtin_convertvector(c, v16);
-#endif
-}
-inline void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
 
 // The machine's own vector width, for kernels that keep many vectors live (GEMM tiles, attention scores):
 // v16 is two registers with AVX2, and sixteen live v16 spill its sixteen registers on every step.
@@ -70,14 +41,6 @@ inline float scalar(bf16 h) {
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
-}
-
-inline float hsum(v16 v) {
-  v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  v2 c = __builtin_shufflevector(b, b, 0, 1) + __builtin_shufflevector(b, b, 2, 3);
-  return c[0] + c[1];
 }
 
 // Sixteen horizontal sums at once: lane i of the result is the sum of acc[i]'s lanes (15 two-source
@@ -124,59 +87,71 @@ inline vf reduce_lanes(const vf* a) {
 #endif
 }
 
+// The helpers below work in the native width vf (a v16 is two registers with AVX2, and GCC moves such vectors
+// through the stack: a 16-lane dot product ran ~10x slower than this one on a Zen 3 host).
+inline float hsumv(vf v) {
+  float s = 0;
+  for (int i = 0; i < VL; ++i) s += v[i];
+  return s;
+}
+
 inline float dot(const float* a, const float* b, int n) {
-  v16 acc{};
+  vf acc0{}, acc1{};  // two chains: the FMA latency, not its throughput, bounds one
   int i = 0;
-  for (; i + 16 <= n; i += 16) acc += load(a + i) * load(b + i);
-  float s = hsum(acc);
+  for (; i + 2 * VL <= n; i += 2 * VL) {
+    acc0 += loadv(a + i) * loadv(b + i);
+    acc1 += loadv(a + i + VL) * loadv(b + i + VL);
+  }
+  for (; i + VL <= n; i += VL) acc0 += loadv(a + i) * loadv(b + i);
+  float s = hsumv(acc0 + acc1);
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
 
 inline void axpy(float a, const float* x, float* y, int n) {  // y += a * x
   int i = 0;
-  for (; i + 16 <= n; i += 16) store(y + i, load(y + i) + a * load(x + i));
+  for (; i + VL <= n; i += VL) storev(y + i, loadv(y + i) + a * loadv(x + i));
   for (; i < n; ++i) y[i] += a * x[i];
 }
 
-// e^x for 16 lanes: 2^n * e^r with n = round(x / ln2), |r| <= ln2/2, degree-6 Taylor for e^r (relative error
+// e^x per lane: 2^n * e^r with n = round(x / ln2), |r| <= ln2/2, degree-6 Taylor for e^r (relative error
 // ~2e-7); inputs clamped to the normal fp32 range (e^-87.3 ~ 1e-38 stands in for 0).
-inline v16 vexp(v16 x) {
-  const v16 lo = v16{} - 87.3f, hi = v16{} + 88.7f;
+inline vf vexp(vf x) {
+  const vf lo = vf{} - 87.3f, hi = vf{} + 88.7f;
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
-  const v16 magic = v16{} + 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  const v16 n = (x * 1.44269504088896341f + magic) - magic;
-  const v16 r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
-  v16 p = v16{} + (1.0f / 720);
+  const vf magic = vf{} + 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const vf n = (x * 1.44269504088896341f + magic) - magic;
+  const vf r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+  vf p = vf{} + (1.0f / 720);
   p = p * r + (1.0f / 120);
   p = p * r + (1.0f / 24);
   p = p * r + (1.0f / 6);
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  typedef int32_t i16v __attribute__((vector_size(64)));
-  const i16v bits = (__builtin_convertvector(n, i16v) + 127) << 23;
-  v16 scale;
+  typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
 }
 
 // y[i] = e^(x[i] - shift) for n values (in place allowed); returns their sum.
 inline float exp_sum(const float* x, float shift, float* y, int n) {
-  v16 acc{};
+  vf acc{};
   int i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const v16 e = vexp(load(x + i) - shift);
-    store(y + i, e);
+  for (; i + VL <= n; i += VL) {
+    const vf e = vexp(loadv(x + i) - shift);
+    storev(y + i, e);
     acc += e;
   }
-  float s = hsum(acc);
+  float s = hsumv(acc);
   if (i < n) {
-    float buf[16] = {0};
+    float buf[VL] = {0};
     std::memcpy(buf, x + i, (n - i) * sizeof(float));
-    const v16 e = vexp(load(buf) - shift);
-    store(buf, e);
+    const vf e = vexp(loadv(buf) - shift);
+    storev(buf, e);
     for (int j = 0; j < n - i; ++j) {
       y[i + j] = buf[j];
       s += buf[j];
@@ -188,9 +163,9 @@ inline float exp_sum(const float* x, float shift, float* y, int n) {
 // out[i] = silu(gate[i]) * up[i]
 inline void silu_mul(const float* gate, const float* up, float* out, int n) {
   int i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const v16 g = load(gate + i);
-    store(out + i, g / (1.0f + vexp(-g)) * load(up + i));
+  for (; i + VL <= n; i += VL) {
+    const vf g = loadv(gate + i);
+    storev(out + i, g / (1.0f + vexp(-g)) * loadv(up + i));
   }
   for (; i < n; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
 }
