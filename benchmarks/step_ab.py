@@ -7,9 +7,10 @@ on the bench checkpoint (`exaserve make-tiny --preset bench`), prefilled, then `
 `--steps` decode steps each; the process reports its median ms per step. Variants run alternately, so a
 change in the host's load hits both; the table gives each variant's median over rounds and the ratio to
 the first variant. A variant is NAME=ENV where ENV is space-separated VAR=VALUE settings (may be empty), or
-NAME@DIR=ENV to run the checkout in DIR instead of this one (its own benchmarks/step_ab.py as the child), which
-compares commits in one interleaved run. STEP_AB_ENGINE=KEY=VALUE[,KEY=VALUE...] in ENV sets engine options
-(EngineConfig's names; integers and true/false parsed), e.g. tensor parallel against one rank:
+NAME@DIR=ENV to run the code of the checkout in DIR instead of this one (the child imports it through a shadow
+package and reports where its code came from), which compares commits in one interleaved run.
+STEP_AB_ENGINE=KEY=VALUE[,KEY=VALUE...] in ENV sets engine options (EngineConfig's names; integers and
+true/false parsed), e.g. tensor parallel against one rank:
 
     python benchmarks/step_ab.py --batch 1 8 --variant tp1= --variant tp2=STEP_AB_ENGINE=tensor_parallel_size=2
 
@@ -27,6 +28,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,7 +63,9 @@ def child(args) -> None:
             engine.step()
         runs.append((time.perf_counter() - t) / args.steps * 1e3)
     engine.close()
-    print(json.dumps({"ms": statistics.median(runs)}))
+    import exaserve.engine
+    engine_dir = Path(exaserve.engine.__file__).resolve().parent  # the code that ran (see shadow_package)
+    print(json.dumps({"ms": statistics.median(runs), "engine": str(engine_dir)}))
 
 
 def parse_variant(text: str) -> tuple[str, Path, dict]:
@@ -71,13 +75,26 @@ def parse_variant(text: str) -> tuple[str, Path, dict]:
     if not name or "=" not in text:
         raise SystemExit(f"--variant {text!r}: use NAME=ENV or NAME@DIR=ENV (ENV may be empty)")
     root = Path(checkout).resolve() if checkout else ROOT
-    if not (root / "benchmarks" / "step_ab.py").is_file():
-        raise SystemExit(f"--variant {text!r}: {root} has no benchmarks/step_ab.py (make a checkout of another "
+    if not (root / "engine").is_dir():
+        raise SystemExit(f"--variant {text!r}: {root} has no engine/ (make a checkout of another "
                          f"commit with `git worktree add DIR COMMIT`)")
     bad = [kv for kv in env.split() if "=" not in kv]
     if bad:
         raise SystemExit(f"--variant {text!r}: {bad[0]!r} is not VAR=VALUE")
     return name, root, dict(kv.split("=", 1) for kv in env.split())
+
+
+def shadow_package(root: Path, into: Path) -> str:
+    """A folder for PYTHONPATH whose `exaserve` package maps `root`'s folders as pip's install does (engine/ ->
+    exaserve.engine, ...), so a child imports that checkout and not the installed one (an editable install's
+    finder comes after sys.path)."""
+    pkg = into / "exaserve"
+    pkg.mkdir(parents=True)
+    for f in (root / "exaserve").glob("*.py"):
+        (pkg / f.name).symlink_to(f)
+    for d in ("engine", "kernels", "server"):
+        (pkg / d).symlink_to(root / d)
+    return str(into)
 
 
 def main() -> None:
@@ -97,15 +114,22 @@ def main() -> None:
         raise SystemExit(f"no checkpoint at {args.model}: make it with `exaserve make-tiny "
                          f"{args.model} --preset bench`")
     times: dict[tuple[str, int], list[float]] = {}
+    shadows = tempfile.TemporaryDirectory()
+    path = {root: shadow_package(root, Path(shadows.name) / str(i)) for i, root in enumerate({v[1] for v in variants})}
     for r in range(args.rounds):
         for batch in args.batch:
             for name, root, env in variants:
-                cmd = [sys.executable, str(root / "benchmarks" / "step_ab.py"), "--child", "--model", str(args.model),
+                cmd = [sys.executable, str(ROOT / "benchmarks" / "step_ab.py"), "--child", "--model", str(args.model),
                        "--batch", str(batch), "--steps", str(args.steps), "--repeats", str(args.repeats)]
-                done = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, cwd=root)
+                pythonpath = os.pathsep.join(filter(None, (path[root], os.environ.get("PYTHONPATH"))))
+                done = subprocess.run(cmd, env={**os.environ, **env, "PYTHONPATH": pythonpath}, capture_output=True,
+                                      text=True, cwd=root)
                 if done.returncode != 0:
                     raise SystemExit(f"{name} batch {batch} failed:\n{done.stderr[-2000:]}")
-                ms = json.loads(done.stdout.strip().splitlines()[-1])["ms"]
+                report = json.loads(done.stdout.strip().splitlines()[-1])
+                if Path(report["engine"]) != (root / "engine").resolve():
+                    raise SystemExit(f"{name} ran the code in {report['engine']}, not {root / 'engine'}")
+                ms = report["ms"]
                 times.setdefault((name, batch), []).append(ms)
                 print(f"round {r + 1} batch {batch:3d} {name:>12s} {ms:7.3f} ms/step", flush=True)
     base = variants[0][0]

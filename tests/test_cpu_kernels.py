@@ -453,3 +453,11 @@ def test_build_dir_is_per_environment(monkeypatch):
     assert kernels.cpu.build_dir([]) != here
     monkeypatch.undo()
     assert kernels.cpu.build_dir([]) == here  # and stable within one environment
+
+
+def test_build_dir_is_per_source_folder(monkeypatch, tmp_path):
+    """Two checkouts of one version (a benchmark's base worktree) must not share a build folder either: torch's
+    builder rebuilds when the source path changes."""
+    here = kernels.cpu.build_dir([])
+    monkeypatch.setattr(kernels.cpu, "SOURCE", tmp_path / kernels.cpu.SOURCE.name)
+    assert kernels.cpu.build_dir([]) != here

@@ -1,4 +1,5 @@
 """benchmarks/step_ab.py: variants alternate in fresh processes with their own environment or checkout."""
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +18,14 @@ def run(*args):
 
 def test_variants_alternate_and_table(tmp_path):
     ckpt = make_tiny_checkpoint(tmp_path / "m", preset="tiny", dtype="bfloat16", with_mtp=False)
+    # another checkout: its child must import this copy, not the installed package (torch kernels: no C++ build)
+    other = tmp_path / "checkout"
+    for d in ("exaserve", "engine", "kernels", "server"):
+        shutil.copytree(ROOT / d, other / d, ignore=shutil.ignore_patterns("__pycache__"))
     # each (round, batch, variant) is a fresh process (~5 s): two rounds of one batch size keep the suite short
     done = run("--model", str(ckpt), "--batch", "2", "--rounds", "2", "--steps", "3", "--repeats", "2",
                "--variant", "a=", "--variant", "b=EXASERVE_ARGMAX_SCREEN=0 EXASERVE_KERNELS=torch",
-               "--variant", f"c@{ROOT}=")
+               "--variant", f"c@{other}=EXASERVE_KERNELS=torch")
     assert done.returncode == 0, done.stderr
     runs = [line.split() for line in done.stdout.splitlines() if line.startswith("round")]
     # round r, batch, variant: a before b before c in each round
@@ -34,7 +39,7 @@ def test_variants_alternate_and_table(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--variant", "=X=1"], "use NAME=ENV"),
     (["--variant", "a=X"], "'X' is not VAR=VALUE"),
-    (["--variant", "a@/nonexistent="], "/nonexistent has no benchmarks/step_ab.py"),
+    (["--variant", "a@/nonexistent="], "/nonexistent has no engine/"),
     (["--model", "/nonexistent/ckpt"], "no checkpoint at /nonexistent/ckpt"),
 ])
 def test_bad_arguments(args, message, tmp_path):

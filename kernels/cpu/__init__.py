@@ -7,7 +7,8 @@ kernels/cpu_ops.py run that build. Each build lives in its own folder
 under $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), named by a hash of the sources (SOURCES:
 exa_cpu.cpp and every header beside it), the compiler flags, the torch version and the Python environment
 (sys.prefix and torch's folder: torch's builder rebuilds when its include paths change, so two virtual
-environments sharing one folder rebuilt over each other), so checkouts of different versions and different
+environments sharing one folder rebuilt over each other) and the sources' folder (likewise when the source
+path changes: two copies of one version took turns rebuilding), so checkouts of different versions and different
 environments never rebuild over each other; `exaserve build-kernels` builds ahead of time. It is compiled with
 -march=native: a cache directory must not be shared between machines of different CPU generations.
 
@@ -42,7 +43,7 @@ def build_dir(extra_flags: list[str]) -> Path:
         key.update(f"{src.name}\0{len(data)}\0".encode())
         key.update(data)
     key.update(" ".join([*BASE_FLAGS, *extra_flags, torch.__version__]).encode())
-    key.update(f"\0{sys.prefix}\0{Path(torch.__file__).parent}".encode())
+    key.update(f"\0{sys.prefix}\0{Path(torch.__file__).parent}\0{SOURCE.parent.resolve()}".encode())
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
     return root / f"{NAME}-{key.hexdigest()[:16]}"
 
