@@ -100,7 +100,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("paged_k", &StepInputs::paged_k)
       .def_readwrite("paged_v", &StepInputs::paged_v);
 #ifdef EXA_TIMERS
-  m.def("stage_ns", [] { return std::vector<double>(stage_ns, stage_ns + 8); });
+  m.def("stage_ns", [] { return std::vector<double>(stage_ns, stage_ns + 10); });
 #endif
   m.def("rows_step", &rows_step, "embedding, layers, norm, lm_head of `rows` (and argmax)" EXA_COMPUTE_GUARD);
   m.def("embed_rows", &embed_rows);

@@ -90,26 +90,26 @@ inline void load_row(const int8_t* p, vf* w) {  // the int8 screen of an lm_head
 // scales carry 2^FP8_SCALE_EXP (cpu_ops multiplies them in) and outputs are multiplied by FP8_OUT, which undoes
 // both. The byte 0x7f / 0xff (e4m3's NaN) reads as a finite value: quantized weights never hold NaN.
 #if defined(__x86_64__) && defined(__AVX2__) && !defined(__AVX512F__)
-// AVX2: 32 bytes to 32 fp32 in 11 single-uop instructions. Each byte goes to the high byte of a 16-bit lane
-// (unpack with zero), an arithmetic shift right by 4 and a mask leave bf16 bits: the sign, e4m3's 4 exponent
-// bits as the low 4 of bf16's 8, its 3 mantissa bits on top: 2^-120 times the value, normal and subnormal alike
-// (bias 127 against 7); a second unpack makes them fp32. The unpacks work within 128-bit halves, so a full
-// panel's k-row stores its columns in the order that brings columns 8v..8v+7 out as vector v (fp8_slot).
+// AVX2: 32 bytes to 32 fp32 in 10 single-uop instructions, shifts and masks only (no shuffles: on Zen 3 the
+// shuffle ports are the ones the FMAs share). In each 16-bit lane (bytes 2i, 2i+1), the high byte shifted right
+// arithmetically by 4 and masked leaves bf16 bits: the sign, e4m3's 4 exponent bits as the low 4 of bf16's 8, its
+// 3 mantissa bits on top: 2^-120 times the value, normal and subnormal alike (bias 127 against 7); the low byte
+// does the same after a shift left by 8. A 32-bit lane then holds two such bf16, which become fp32 by a shift
+// left 16 (the lower one) or a mask (the upper one), as with bf16 pairs. So vector v brings out bytes 4i + v of
+// the k-row, and a full panel's k-row stores column 8v + i there (fp8_slot).
 // Subnormal e4m3 values (|q| < 2^-6, rare in block-scaled weights) become fp32 denormals: exact unless the
 // process flushes denormals (DAZ), where they read as 0. Scales 2^60 and outputs 2^60 keep every product and
 // partial sum in the normal range.
 constexpr int FP8_LOAD_EXP = -120, FP8_SCALE_EXP = 60;
-inline int fp8_slot(int j) {
-  const int v = j / 8, i = j % 8;
-  return i < 4 ? 4 * v + i : 16 + 4 * v + i - 4;
-}
+inline int fp8_slot(int j) { return 4 * (j % 8) + j / 8; }
 inline void load_row(const uint8_t* p, vf* w) {
-  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), z = _mm256_setzero_si256();
-  const __m256i m = _mm256_set1_epi16(int16_t(0x87FF));
-  const __m256i lo = _mm256_and_si256(_mm256_srai_epi16(_mm256_unpacklo_epi8(z, x), 4), m);
-  const __m256i hi = _mm256_and_si256(_mm256_srai_epi16(_mm256_unpackhi_epi8(z, x), 4), m);
-  const __m256i r[4] = {_mm256_unpacklo_epi16(z, lo), _mm256_unpackhi_epi16(z, lo), _mm256_unpacklo_epi16(z, hi),
-                        _mm256_unpackhi_epi16(z, hi)};
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i m = _mm256_set1_epi32(int32_t(0x87F00000u));  // sign, exponent, 3 mantissa bits of the upper bf16
+  const __m256i even = _mm256_srai_epi16(_mm256_slli_epi16(x, 8), 4);  // bytes 4i (low half), 4i + 2 (high half)
+  const __m256i odd = _mm256_srai_epi16(x, 4);                         // bytes 4i + 1, 4i + 3 (low bits: junk)
+  const __m256i r[4] = {_mm256_and_si256(_mm256_slli_epi32(even, 16), m),
+                        _mm256_and_si256(_mm256_slli_epi32(odd, 16), m), _mm256_and_si256(even, m),
+                        _mm256_and_si256(odd, m)};
   std::memcpy(w, r, sizeof r);
 }
 #else
@@ -154,33 +154,43 @@ inline void ukernel(const float* const* x, const W* panel, int K, float* out, in
     for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[p][m][v] = vf{};
-  const int step = F8 ? bk : K;
-  for (int k0 = 0, b = 0; k0 < K; k0 += step, ++b) {
-    const int k1 = std::min(K, k0 + step);
-    const float sc = F8 ? s[b] : 1.0f;
-    int k = k0;
-    for (; k + PH <= k1; k += PH) {
-      if constexpr (PREFETCH > 0) __builtin_prefetch(panel + (k + PREFETCH) * PW, 0, EXA_PF_LOCALITY);
+  // FP8: each row's x times the panel's block scales, once per call, so the k loop broadcasts straight from memory
+  // (a multiply and a broadcast per row and k-row fewer)
+  const float* xr[MR];
+  if constexpr (F8) {
+    thread_local std::vector<float> scaled;
+    scaled.resize(size_t(MR) * K);
+    for (int m = 0; m < MR; ++m) {
+      float* d = scaled.data() + size_t(m) * K;
+      for (int k0 = 0, b = 0; k0 < K; k0 += bk, ++b) {
+        const float sc = s[b];
+        for (int k = k0; k < std::min(K, k0 + bk); ++k) d[k] = x[m][k] * sc;
+      }
+      xr[m] = d;
+    }
+  } else {
+    for (int m = 0; m < MR; ++m) xr[m] = x[m];
+  }
+  int k = 0;
+  for (; k + PH <= K; k += PH) {
+    if constexpr (PREFETCH > 0) __builtin_prefetch(panel + (k + PREFETCH) * PW, 0, EXA_PF_LOCALITY);
 #pragma GCC unroll 2
-      for (int p = 0; p < PH; ++p) {
-        vf w[NV];
-        load_row(panel + (k + p) * PW, w);
-#pragma GCC unroll 16
-        for (int m = 0; m < MR; ++m) {  // scalar * vector broadcasts (vf{} + s would cost an add: -0.0)
-          const float xs = F8 ? x[m][k + p] * sc : x[m][k + p];
-#pragma GCC unroll 4
-          for (int v = 0; v < NV; ++v) acc[p][m][v] += xs * w[v];
-        }
-      }
-    }
-    for (; k < k1; ++k) {
+    for (int p = 0; p < PH; ++p) {
       vf w[NV];
-      load_row(panel + k * PW, w);
-      for (int m = 0; m < MR; ++m) {
-        const float xs = F8 ? x[m][k] * sc : x[m][k];
-        for (int v = 0; v < NV; ++v) acc[0][m][v] += xs * w[v];
+      load_row(panel + (k + p) * PW, w);
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; ++m) {  // scalar * vector broadcasts (vf{} + s would cost an add: -0.0)
+        const float xs = xr[m][k + p];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[p][m][v] += xs * w[v];
       }
     }
+  }
+  for (; k < K; ++k) {
+    vf w[NV];
+    load_row(panel + k * PW, w);
+    for (int m = 0; m < MR; ++m)
+      for (int v = 0; v < NV; ++v) acc[0][m][v] += xr[m][k] * w[v];
   }
   for (int m = 0; m < MR; ++m) {
     float tmp[PW];

@@ -49,7 +49,7 @@ const torch::Tensor& none() {
 torch::Tensor or_none(const torch::Tensor& t) { return t.defined() ? t : none(); }
 
 #ifdef EXA_TIMERS  // per-stage wall time of layer_forward, for profiling builds (EXASERVE_CPU_EXT_CFLAGS=-DEXA_TIMERS)
-double stage_ns[8];
+double stage_ns[10];  // 0-7: layer_forward's stages, 8: embedding, 9: final norm and lm_head / argmax
 struct Stage {
   int i;
   std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
@@ -133,11 +133,11 @@ torch::Tensor embed_rows(const torch::Tensor& table, const torch::Tensor& ids_) 
 torch::Tensor rows_step(const std::vector<const Layer*>& layers, torch::Tensor embed, torch::Tensor ids,
                         const StepInputs& in, torch::Tensor norm, double eps, torch::Tensor lm_head,
                         torch::Tensor rows, bool argmax, const std::vector<torch::Tensor>& screen) {
-  auto x = forward_layers(layers, embed_rows(embed, ids), in);
-  auto h = rms_norm(x.index_select(0, rows.to(at::kLong)), norm, eps);
-  if (!argmax) return linear_op(h, lm_head, torch::Tensor(), 0);
-  auto tokens = screen.size() == 3 ? screened_argmax(h, screen[0], screen[1], screen[2], lm_head)
-                                   : argmax_rows(linear_op(h, lm_head, torch::Tensor(), 0));
+  auto x = forward_layers(layers, EXA_STAGE(8, embed_rows(embed, ids)), in);
+  auto h = EXA_STAGE(9, rms_norm(x.index_select(0, rows.to(at::kLong)), norm, eps));
+  if (!argmax) return EXA_STAGE(9, linear_op(h, lm_head, torch::Tensor(), 0));
+  auto tokens = EXA_STAGE(9, screen.size() == 3 ? screened_argmax(h, screen[0], screen[1], screen[2], lm_head)
+                                                : argmax_rows(linear_op(h, lm_head, torch::Tensor(), 0)));
   auto bad = h.isfinite().logical_not().any(1);  // [R, H]: a read of what was just written, ~1 us per row
   if (bad.any().item<bool>()) tokens.masked_fill_(bad, -1);
   return tokens;
