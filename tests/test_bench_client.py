@@ -3,6 +3,7 @@ against a live exaserve on the tiny checkpoint."""
 import asyncio
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -191,3 +192,37 @@ def test_a_silent_server_times_out_and_a_closed_port_fails():
     slow, closed = asyncio.run(run())
     assert not slow.ok and "TimeoutError" in slow.error
     assert not closed.ok and ("Connection" in closed.error or "OSError" in closed.error)
+
+
+def test_bench_lib_runs_each_client_run_against_one_server_start(tiny_model, tmp_path):
+    """benchmarks/bench_lib.sh's `bench` (the side-by-side scripts' runner): it starts the server, waits for
+    /health, runs one sweep per CLIENT_RUNS line into its own result file with the server's startup time and
+    memory, and stops the server (by its process group) at the end."""
+    import socket
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = f"""
+set -euo pipefail
+ROOT={root}; RESULTS={tmp_path}/results; mkdir -p $RESULTS
+. $ROOT/benchmarks/bench_lib.sh
+CKPT={tiny_model}
+CLIENT_RUNS=". --input-len 6 --output-len 3
+-chat --dataset chat --input-len 6 --output-len 3 --num-prompts 3"
+bench tiny {tmp_path}/server.log {sys.executable} -m exaserve.cli serve --model {tiny_model} --dtype float32 \\
+  --host 127.0.0.1 --port {port} --served-model-name bench
+curl -sf -o /dev/null http://127.0.0.1:{port}/health && echo "server still up" || echo "server stopped"
+"""
+    env = {**os.environ, "BENCH_PYTHON": sys.executable, "NUM_PROMPTS": "2", "LEVELS": "1", "PORT": str(port),
+           "BENCH_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "server stopped" in done.stdout
+    plain = json.loads((tmp_path / "results" / "tiny.json").read_text())
+    chat = json.loads((tmp_path / "results" / "tiny-chat.json").read_text())
+    assert [r["completed"] for r in plain["runs"]] == [2] and [r["completed"] for r in chat["runs"]] == [3]
+    assert chat["meta"]["dataset"] == "chat" and plain["meta"]["dataset"] == "random"
+    for doc in (plain, chat):
+        assert doc["meta"]["server"]["startup_s"] > 0 and doc["meta"]["server"]["peak_rss_mib"] > 0

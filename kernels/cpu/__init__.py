@@ -84,7 +84,7 @@ def _build(extra: tuple[str, ...]):
             if not (where / f"{NAME}.so").exists():  # a first start would otherwise be silent for a minute
                 log.info("building the C++ CPU kernels in %s (once per source version; about a minute)", where)
             module = cpp_extension.load(
-                name=NAME, sources=[str(SOURCE)], build_directory=str(where),
+                name=NAME, sources=[str(SOURCE.resolve())], build_directory=str(where),
                 extra_cflags=[*BASE_FLAGS, *extra], extra_ldflags=["-fopenmp"], verbose=False)
         dt = time.monotonic() - t0
         if dt > 2:
