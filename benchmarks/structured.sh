@@ -10,7 +10,8 @@
 #   benchmarks/structured.sh
 #   ENGINES=exaserve benchmarks/structured.sh
 #
-# Environment: as compare.sh, plus ENGINES (any of exaserve vllm; default both).
+# Environment: as compare.sh, plus ENGINES (any of exaserve, vllm (its setting that uses both cores), vllm-default
+# (also its default setting, one core reserved); default all three).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -18,7 +19,7 @@ RESULTS=$ROOT/benchmarks/results/structured
 export NUM_PROMPTS=${NUM_PROMPTS:-32}
 # shellcheck source=benchmarks/bench_lib.sh
 . "$ROOT/benchmarks/bench_lib.sh"   # settings; bench, vllm_setup, make_bench_checkpoint
-ENGINES=${ENGINES:-exaserve vllm}
+ENGINES=${ENGINES:-exaserve vllm vllm-default}
 mkdir -p "$RESULTS" "$LOGS"
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 make_bench_checkpoint
@@ -34,8 +35,8 @@ if wants exaserve; then
     || echo "!! exaserve run failed"
 fi
 if wants vllm && vllm_setup; then
-  bench vllm-default "$LOGS/structured-vllm-default.log" "${vllm_env[@]}" "${vllm_serve[@]}" \
-    || echo "!! vLLM (default) run failed"
+  ! wants vllm-default || bench vllm-default "$LOGS/structured-vllm-default.log" "${vllm_env[@]}" \
+    "${vllm_serve[@]}" || echo "!! vLLM (default) run failed"
   bench vllm-reserved0 "$LOGS/structured-vllm-reserved0.log" "${vllm_env[@]}" VLLM_CPU_NUM_OF_RESERVED_CPU=0 \
     "${vllm_serve[@]}" || echo "!! vLLM (VLLM_CPU_NUM_OF_RESERVED_CPU=0) run failed"
 fi
