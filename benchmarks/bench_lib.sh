@@ -12,6 +12,9 @@ MAX_MODEL_LEN=${MAX_MODEL_LEN:-2048}
 WORKLOAD=${WORKLOAD:---dataset random --input-len 256 --output-len 128}  # serve.py's dataset arguments
 READY_TIMEOUT_S=900
 
+# wants NAME: whether NAME is one of the words of $ENGINES (the engines a script was asked to run).
+wants() { [[ " ${ENGINES:-} " == *" $1 "* ]]; }
+
 # The bench checkpoint (exaserve make-tiny --preset bench) in $CKPT, made once.
 make_bench_checkpoint() {
   if [[ ! -f $CKPT/model.safetensors ]]; then

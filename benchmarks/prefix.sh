@@ -21,7 +21,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RESULTS=$ROOT/benchmarks/results/prefix
 export MAX_MODEL_LEN=${MAX_MODEL_LEN:-4096} NUM_PROMPTS=${NUM_PROMPTS:-32}
 # shellcheck source=benchmarks/bench_lib.sh
-. "$ROOT/benchmarks/bench_lib.sh"   # settings; bench, vllm_setup, llama_setup, make_bench_checkpoint
+. "$ROOT/benchmarks/bench_lib.sh"   # settings; bench, wants, vllm_setup, llama_setup, make_bench_checkpoint
 ENGINES=${ENGINES:-exaserve exaserve-mtp vllm vllm-mtp llama}
 mkdir -p "$RESULTS" "$LOGS"
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
@@ -29,7 +29,6 @@ make_bench_checkpoint
 export CLIENT_ARGS=${CLIENT_ARGS:---fresh-prompts}
 export CLIENT_RUNS="-shared --dataset shared-prefix --shared-len 2000 --input-len 100 --output-len 128
 -multi --dataset multi-turn --turns 4 --input-len 100 --output-len 64 --seed 7"
-wants() { [[ " $ENGINES " == *" $1 "* ]]; }
 
 if wants exaserve || wants exaserve-mtp; then
   "$BENCH_PYTHON" -m exaserve.cli build-kernels >/dev/null   # a one-time compile, not part of the startup

@@ -18,7 +18,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RESULTS=$ROOT/benchmarks/results/structured
 export NUM_PROMPTS=${NUM_PROMPTS:-32}
 # shellcheck source=benchmarks/bench_lib.sh
-. "$ROOT/benchmarks/bench_lib.sh"   # settings; bench, vllm_setup, make_bench_checkpoint
+. "$ROOT/benchmarks/bench_lib.sh"   # settings; bench, wants, vllm_setup, make_bench_checkpoint
 ENGINES=${ENGINES:-exaserve vllm vllm-default}
 mkdir -p "$RESULTS" "$LOGS"
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
@@ -26,7 +26,6 @@ make_bench_checkpoint
 export CLIENT_ARGS=${CLIENT_ARGS:---fresh-prompts}
 export CLIENT_RUNS=". --dataset chat --input-len 256 --output-len 128
 -schema --dataset chat --input-len 256 --output-len 128 --seed 7 --json-schema $ROOT/benchmarks/schema_records.json"
-wants() { [[ " $ENGINES " == *" $1 "* ]]; }
 
 if wants exaserve; then
   "$BENCH_PYTHON" -m exaserve.cli build-kernels >/dev/null   # a one-time compile, not part of the startup
