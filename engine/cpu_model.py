@@ -94,9 +94,9 @@ class CpuModel:
         return cpu_ops.rms_norm(x, m.norm, m.eps)
 
     def rows_step(self, input_ids, positions, meta: AttnMetadata, kv, rows: torch.Tensor, argmax: bool,
-                  before_compute=None) -> torch.Tensor:
-        """The raw logits at hidden rows `rows` (int64), or with `argmax` their argmax tokens: the whole step in
-        one C++ call."""
+                  before_compute=None, token_mask=None) -> torch.Tensor:
+        """The raw logits at hidden rows `rows` (int64), or with `argmax` their argmax tokens (over the tokens
+        `token_mask`, a grammar's bitmask of the rows, allows): the whole step in one C++ call."""
         m = self.model
         return cpu_ops.rows_step(self.layers, m.embed, input_ids, positions, meta, kv, m.rope, m.norm, m.eps,
-                                 m.lm_head, rows, argmax, before_compute, self.screen)
+                                 m.lm_head, rows, argmax, before_compute, self.screen, token_mask)

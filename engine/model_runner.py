@@ -18,7 +18,7 @@ from exaserve.engine.request import Request
 from exaserve.engine.sampler import Sampler, SamplingRow, plain_greedy
 from exaserve.engine.scheduler import ScheduledBatch, StepResult
 from exaserve.engine.spec_decode import SpecStats, verify
-from exaserve.engine.structured import apply_masks
+from exaserve.engine.structured import apply_masks, token_masks
 
 log = logging.getLogger("exaserve.engine")
 
@@ -128,13 +128,19 @@ class ModelRunner:
         sample_rows = [_row(batch.requests[s]) for s in plain]
         if self.cpu_model is not None and plain and not spec and not self.num_speculative_tokens:
             # nothing needs the hidden states: on the C++ path the step is one call, up to the sampled rows'
-            # logits, or up to their tokens when every one of them takes the plain argmax (a grammar's mask
-            # needs the logits)
-            greedy = all(map(plain_greedy, sample_rows)) and not any(
-                batch.requests[s].grammar is not None and batch.requests[s].grammar.active for s in plain)
+            # logits, or up to their tokens when every one of them takes the plain argmax (of the tokens its
+            # grammar allows: the masks go into the call)
+            greedy = all(map(plain_greedy, sample_rows))
+            mask = None
+            if greedy:
+                constrained = [(j, batch.requests[s].grammar, ()) for j, s in enumerate(plain)
+                               if batch.requests[s].grammar is not None]
+                if constrained:
+                    bitmask, filled = token_masks(len(plain), self.model.cfg.vocab_size, constrained)
+                    mask = bitmask if filled else None
             input_ids, positions, meta, rows = self.prepare(batch, rows_plain)
             self._copy_ring_rows(batch)
-            out = self.cpu_model.rows_step(input_ids, positions, meta, self.kv, rows, greedy, before_forward)
+            out = self.cpu_model.rows_step(input_ids, positions, meta, self.kv, rows, greedy, before_forward, mask)
             if greedy:
                 for s, tok in zip(plain, out.tolist()):
                     if tok < 0:     # the C++ step found its hidden state NaN or infinite: no token to emit

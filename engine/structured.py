@@ -204,12 +204,20 @@ class GrammarState:
         return filled
 
 
-def apply_masks(logits: torch.Tensor, states: list[tuple[int, GrammarState, list[int]]]) -> None:
-    """Mask logits rows in place: states holds (first logits row, state, drafts verified from that row)."""
-    xgr = _xgr()
-    bitmask = xgr.allocate_token_bitmask(logits.shape[0], logits.shape[1])
+def token_masks(num_rows: int, vocab_size: int, states: list[tuple[int, GrammarState, list[int]]]):
+    """The token bitmask of num_rows logits rows (int32 [num_rows, ceil(vocab_size / 32)], a set bit allows its
+    token; rows no grammar constrains allow every token) and the rows a grammar filled. states holds (first
+    logits row, state, drafts verified from that row)."""
+    bitmask = _xgr().allocate_token_bitmask(num_rows, vocab_size)
     rows = []
     for row, state, drafts in states:
         rows += state.fill(bitmask, row, drafts)
+    return bitmask, rows
+
+
+def apply_masks(logits: torch.Tensor, states: list[tuple[int, GrammarState, list[int]]]) -> None:
+    """Mask logits rows in place (masked tokens get -inf): states as in token_masks."""
+    bitmask, rows = token_masks(logits.shape[0], logits.shape[1], states)
     if rows:
-        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=logits.shape[1], indices=rows)
+        _xgr().apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=logits.shape[1],
+                                           indices=rows)

@@ -121,10 +121,19 @@ def argmax_screen(lm_head: torch.Tensor):
     return tuple(_ext().argmax_screen(lm_head.contiguous()))
 
 
-def screened_argmax(x, screen, lm_head):
+def screened_argmax(x, screen, lm_head, token_mask=None):
     """Row-wise argmax of x @ lm_head^T (x [M, H] fp32, lm_head packed) through its screen; the same tokens
-    as `argmax(linear(x_row, lm_head))` row by row, reading about half of the lm_head's bytes."""
-    return _ext().screened_argmax(x, *screen, _packed(lm_head))
+    as `argmax(linear(x_row, lm_head))` row by row, reading about half of the lm_head's bytes. token_mask: an
+    xgrammar token bitmask [M, ceil(V / 32)] int32 (bit set = allowed); the argmax is then the one of the
+    logits with the masked ones at -inf."""
+    return _ext().screened_argmax(x, *screen, _packed(lm_head), _mask(token_mask))
+
+
+def _mask(token_mask):
+    return _NO_MASK if token_mask is None else token_mask
+
+
+_NO_MASK = torch.empty(0, dtype=torch.int32)
 
 
 def make_layer(attn_norm, post_norm, attn, mlp_weights: dict, *, window: int, pool_index: int, route: dict | None):
@@ -169,11 +178,13 @@ def forward_layers(layers, x, positions, meta, kv, rope, before=None):
 
 
 def rows_step(layers, embed, input_ids, positions, meta, kv, rope, norm, eps, lm_head, rows, argmax, before=None,
-              screen=()):
+              screen=(), token_mask=None):
     """A whole step in one C++ call: embedding, the layers, final norm and lm_head of `rows` (int64 tensor),
-    and with `argmax` the argmax (through `screen`, the lm_head's argmax_screen, when given). Returns the
-    logits [len(rows), V] fp32, or with `argmax` the tokens (int64)."""
+    and with `argmax` the argmax (through `screen`, the lm_head's argmax_screen, when given; over the tokens
+    `token_mask` allows, as in screened_argmax, when given). Returns the logits [len(rows), V] fp32, or with
+    `argmax` the tokens (int64)."""
     s = _step_inputs(positions, meta, kv, rope)
     if before is not None:
         before()
-    return _ext().rows_step(layers, embed, input_ids, s, norm, eps, _packed(lm_head), rows, argmax, screen)
+    return _ext().rows_step(layers, embed, input_ids, s, norm, eps, _packed(lm_head), rows, argmax, screen,
+                            _mask(token_mask))

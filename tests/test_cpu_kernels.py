@@ -196,6 +196,50 @@ def test_screened_argmax_bounds_hold_and_screen_out_most_rows():
     assert torch.equal(cpu_ops.screened_argmax(x, screen, wp), plain_argmax(x, wp))
 
 
+def bitmask(allowed: torch.Tensor) -> torch.Tensor:
+    """An xgrammar-style token bitmask (int32 [M, ceil(V / 32)], bit t % 32 of word t / 32) of a bool [M, V]."""
+    M, V = allowed.shape
+    bits = torch.zeros(M, (V + 31) // 32 * 32, dtype=torch.int64)
+    bits[:, :V] = allowed.long()
+    words = (bits.view(M, -1, 32) << torch.arange(32)).sum(dim=2)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+@pytest.mark.parametrize("V,K", [(1000, 64), (77, 40)])
+def test_screened_argmax_under_a_token_mask(V, K):
+    """With a grammar's token bitmask, the screened argmax is the argmax of the logits with the masked ones at
+    -inf (xgrammar's apply_token_bitmask): the winner masked out, one allowed token, allowed tokens in one
+    panel only, none allowed (index 0, as torch.argmax of all -inf), and rows with no mask."""
+    w = rn(V, K, scale=0.05).to(torch.bfloat16)
+    screen = cpu_ops.argmax_screen(w)
+    wp = w.clone()
+    cpu_ops.pack_parameter(wp)
+    x = rn(8, K)
+    logits = cpu_ops.linear(x, wp)
+    allowed = torch.rand(8, V, generator=torch.Generator().manual_seed(1)) < 0.3
+    allowed[0] = True                                      # no constraint
+    allowed[1, logits[1].argmax()] = False                 # the free winner is masked out
+    allowed[2] = False
+    allowed[2, V - 1] = True                               # one token, in the tail panel
+    allowed[3] = False
+    allowed[3, 5:12] = True                                # a short run
+    allowed[4] = False                                     # nothing allowed
+    allowed[5, :] = False
+    allowed[5, [3, V // 2]] = True
+    x[5] = w[3].float() + w[V // 2].float()                # two allowed near-equals far apart
+    masked = cpu_ops.linear(x, wp).masked_fill(~allowed, float("-inf"))
+    want = masked.argmax(dim=-1)
+    assert int(want[4]) == 0 and int(want[2]) == V - 1 and bool(allowed[torch.arange(8), want][[0, 1, 3, 5]].all())
+    mask = bitmask(allowed)
+    for M in (1, 5, 8):
+        assert torch.equal(cpu_ops.screened_argmax(x[:M], screen, wp, mask[:M].contiguous()), want[:M])
+    assert not torch.equal(cpu_ops.screened_argmax(x, screen, wp), want)    # the mask mattered
+    with pytest.raises(RuntimeError, match="token mask"):
+        cpu_ops.screened_argmax(x, screen, wp, mask[:3].contiguous())
+    with pytest.raises(RuntimeError, match="token mask"):
+        cpu_ops.screened_argmax(x, screen, wp, mask.long())
+
+
 def test_screened_argmax_unscreenable_inputs_and_weights():
     w = rn(100, 32).to(torch.bfloat16)
     screen = cpu_ops.argmax_screen(w)

@@ -265,6 +265,51 @@ def test_greedy_with_mtp_drafts_equals_plain_under_a_grammar(tiny_model):
             assert re.fullmatch("[a-z]{2,6}( [a-z]{2,6}){1,3}", o.text)
 
 
+def test_greedy_rows_under_a_grammar_take_the_one_call_step(tiny_model, monkeypatch):
+    """On the C++ path, greedy rows under a grammar stay in the one-call step: their masks go into the call and
+    the argmax (screened, or over every logit) is of the allowed tokens. Tokens equal the Python path's
+    (logits, then xgrammar's mask, then the sampler), in a batch with an unconstrained row."""
+    prompts = [[1, 300 + 7 * i, 400 + i, 500] for i in range(4)]
+    params = [SamplingParams(max_tokens=60, temperature=0, structured_outputs=StructuredOutput(json=SCHEMA)),
+              SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=60, temperature=0,
+                             structured_outputs=StructuredOutput(regex="[a-z]{2,6}( [a-z]{2,6}){1,3}")),
+              SamplingParams(max_tokens=60, temperature=0,
+                             structured_outputs=StructuredOutput(choice=("Seoul", "Busan")))]
+    llm = LLM(str(tiny_model), dtype="float32", max_num_seqs=8)
+    runner = llm.engine.runner
+    cpu_model = runner.cpu_model
+    assert cpu_model is not None and len(cpu_model.screen) == 3
+    masks = []
+    rows_step = cpu_model.rows_step
+
+    def spy(*a):
+        masks.append((a[5], a[7] if len(a) > 7 else None))
+        return rows_step(*a)
+
+    def run(patch):
+        masks.clear()
+        with monkeypatch.context() as m:
+            patch(m)
+            return [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    try:
+        fused = run(lambda m: m.setattr(cpu_model, "rows_step", spy))
+        assert masks and all(argmax for argmax, _ in masks)           # every step: the argmax in C++ ...
+        assert sum(mask is not None for _, mask in masks) >= 10        # ... with the grammars' masks
+        unscreened = run(lambda m: (m.setattr(cpu_model, "screen", ()), m.setattr(cpu_model, "rows_step", spy)))
+        assert masks and all(mask is not None for _, mask in masks[:5])
+        python = run(lambda m: m.setattr(runner, "cpu_model", None))
+        assert not masks
+    finally:
+        llm.engine.close()
+    for outs in (unscreened, python):
+        assert [o.token_ids for o in outs] == [o.token_ids for o in fused]
+    jsonschema.validate(json.loads(fused[0].text), SCHEMA)
+    assert re.fullmatch("[a-z]{2,6}( [a-z]{2,6}){1,3}", fused[2].text) and fused[3].text in ("Seoul", "Busan")
+    assert fused[1].finish_reason == "length" and len(fused[1].token_ids) == 40
+
+
 def test_tensor_parallel_samples_under_the_grammar_as_one_rank(tiny_model):
     """tp=2: the matchers and masks live on rank 0, where sampling happens; the tokens are those of one rank."""
     prompts = [[1, 310 + 9 * i, 420 + i] for i in range(4)]

@@ -19,6 +19,34 @@
 
 namespace {
 
+// A token mask for S rows of V logits, as xgrammar's token bitmasks hold it: int32 [S, >= ceil(V / 32)], bit
+// t % 32 of word t / 32 set when token t is allowed. Undefined or empty: every token allowed.
+struct TokenMask {
+  const int32_t* bits = nullptr;
+  int64_t ld = 0;
+  TokenMask(const torch::Tensor& m, int64_t S, int64_t V) {
+    if (!m.defined() || m.numel() == 0) return;
+    TORCH_CHECK(m.scalar_type() == at::kInt && m.dim() == 2 && m.device().is_cpu() && m.stride(1) == 1 &&
+                    m.size(0) == S && m.size(1) * 32 >= V,
+                "token mask: want a contiguous int32 CPU tensor [", S, ", >= ", cdiv(V, 32), "], got ", m.sizes(),
+                " ", m.scalar_type());
+    bits = m.data_ptr<int32_t>();
+    ld = m.stride(0);
+  }
+  bool allowed(int64_t row, int64_t t) const {
+    return !bits || (uint32_t(bits[row * ld + (t >> 5)]) >> (t & 31)) & 1u;
+  }
+  // masked logits set to -inf, in place (x [S, V] fp32, contiguous rows)
+  void apply(torch::Tensor& x) const {
+    if (!bits) return;
+    float* xp = x.data_ptr<float>();
+    const int64_t S = x.size(0), V = x.size(1), lx = x.stride(0);
+    for (int64_t r = 0; r < S; ++r)
+      for (int64_t t = 0; t < V; ++t)
+        if (!allowed(r, t)) xp[r * lx + t] = -std::numeric_limits<float>::infinity();
+  }
+};
+
 // Index of the largest value of each row of x [S, V] (the first one on ties; a NaN counts as largest, as in
 // torch.argmax).
 torch::Tensor argmax_rows(torch::Tensor x) {
@@ -129,9 +157,12 @@ std::vector<torch::Tensor> argmax_screen(torch::Tensor w) {
 // Each work item runs the int8 GEMM over a run of panels and, while its output is in L1, reduces every
 // (row, panel) to the panel's largest upper and lower bound; a row then recomputes only the panels whose
 // upper bound reaches its best lower bound.
+// With a token mask (see TokenMask) the argmax is over the allowed tokens only: the token
+// argmax_rows(masked logits) gives when masked logits are -inf. A panel with no allowed token has no bounds
+// and is skipped; a row with none at all recomputes every panel and so ends, as the plain path does, at 0.
 template <typename W>
 void screened_argmax_impl(const torch::Tensor& x, const int8_t* qp, const float* sp, const float* cp,
-                          const W* wp, int64_t V, int64_t* out) {
+                          const W* wp, int64_t V, const TokenMask& mask, int64_t* out) {
   const int M = x.size(0), K = x.size(1), P = cdiv(V, PW);
   const int64_t ldx = x.stride(0);
   const float* xp = x.data_ptr<float>();
@@ -161,6 +192,7 @@ void screened_argmax_impl(const torch::Tensor& x, const int8_t* qp, const float*
       for (int p = p0; p < p1; ++p) {
         float h = -std::numeric_limits<float>::infinity(), l = h;
         for (int64_t r = p * PW; r < std::min<int64_t>(V, int64_t(p + 1) * PW); ++r) {
+          if (!mask.allowed(m0 + i, r)) continue;
           const float A = sp[r] * a[r - p0 * PW], b = nx[m0 + i] * cp[r] + slack * std::fabs(A);
           h = std::max(h, A + b);
           l = std::max(l, A - b);
@@ -181,7 +213,7 @@ void screened_argmax_impl(const torch::Tensor& x, const int8_t* qp, const float*
       if (screen[m] && !(h[p] >= best_lo)) continue;
       gemm_panels(&xr, 1, wp, int(V), K, p, p + 1, logits, PW);
       for (int j = 0; j < PW && p * PW + j < V; ++j) {
-        const float v = logits[j];
+        const float v = mask.allowed(m, p * PW + j) ? logits[j] : -std::numeric_limits<float>::infinity();
         if (idx < 0 || (v != v && best == best) || v > best) {
           best = v;
           idx = p * PW + j;
@@ -197,7 +229,7 @@ void screened_argmax_impl(const torch::Tensor& x, const int8_t* qp, const float*
 }
 
 torch::Tensor screened_argmax(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor bound,
-                              torch::Tensor lm_head) {
+                              torch::Tensor lm_head, const torch::Tensor& token_mask) {
   check_act(x, "x", 2);
   check_weight(lm_head, "lm_head");
   const int64_t V = lm_head.size(0), K = lm_head.size(1);
@@ -206,14 +238,15 @@ torch::Tensor screened_argmax(torch::Tensor x, torch::Tensor q, torch::Tensor sc
               "screened_argmax: x ", x.sizes(), ", screen ", q.sizes(), " and lm_head ", lm_head.sizes(),
               " do not match");
   if (x.stride(1) != 1) x = x.contiguous();
+  const TokenMask mask(token_mask, x.size(0), V);
   auto out = torch::empty({x.size(0)}, x.options().dtype(at::kLong));
   if (x.size(0) == 0) return out;
   const float *sp = scale.data_ptr<float>(), *cp = bound.data_ptr<float>();
   const int8_t* qp = q.data_ptr<int8_t>();
   if (lm_head.scalar_type() == at::kBFloat16)
-    screened_argmax_impl(x, qp, sp, cp, reinterpret_cast<const bf16*>(lm_head.data_ptr()), V, out.data_ptr<int64_t>());
+    screened_argmax_impl(x, qp, sp, cp, reinterpret_cast<const bf16*>(lm_head.data_ptr()), V, mask, out.data_ptr<int64_t>());
   else
-    screened_argmax_impl(x, qp, sp, cp, lm_head.data_ptr<float>(), V, out.data_ptr<int64_t>());
+    screened_argmax_impl(x, qp, sp, cp, lm_head.data_ptr<float>(), V, mask, out.data_ptr<int64_t>());
   return out;
 }
 

@@ -130,14 +130,22 @@ torch::Tensor embed_rows(const torch::Tensor& table, const torch::Tensor& ids_) 
 // instead of emitting a token); with no Python between these ops, a decode step at batch 1 runs ~0.3 ms less
 // Python.
 // `screen`: the lm_head's argmax screen (argmax_screen), or empty to compute every logit.
+// `token_mask`: a TokenMask of the rows (the argmax is over the tokens it allows), or empty for none.
 torch::Tensor rows_step(const std::vector<const Layer*>& layers, torch::Tensor embed, torch::Tensor ids,
                         const StepInputs& in, torch::Tensor norm, double eps, torch::Tensor lm_head,
-                        torch::Tensor rows, bool argmax, const std::vector<torch::Tensor>& screen) {
+                        torch::Tensor rows, bool argmax, const std::vector<torch::Tensor>& screen,
+                        const torch::Tensor& token_mask) {
+  const TokenMask mask(token_mask, rows.numel(), lm_head.size(0));  // checked before the step runs
   auto x = forward_layers(layers, EXA_STAGE(8, embed_rows(embed, ids)), in);
   auto h = EXA_STAGE(9, rms_norm(x.index_select(0, rows.to(at::kLong)), norm, eps));
   if (!argmax) return EXA_STAGE(9, linear_op(h, lm_head, torch::Tensor(), 0));
-  auto tokens = EXA_STAGE(9, screen.size() == 3 ? screened_argmax(h, screen[0], screen[1], screen[2], lm_head)
-                                                : argmax_rows(linear_op(h, lm_head, torch::Tensor(), 0)));
+  auto masked_argmax = [&] {
+    auto logits = linear_op(h, lm_head, torch::Tensor(), 0);
+    mask.apply(logits);
+    return argmax_rows(logits);
+  };
+  auto tokens = EXA_STAGE(9, screen.size() == 3 ? screened_argmax(h, screen[0], screen[1], screen[2], lm_head, token_mask)
+                                                : masked_argmax());
   auto bad = h.isfinite().logical_not().any(1);  // [R, H]: a read of what was just written, ~1 us per row
   if (bad.any().item<bool>()) tokens.masked_fill_(bad, -1);
   return tokens;
