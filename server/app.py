@@ -26,6 +26,7 @@ from exaserve.engine import SamplingParams
 from exaserve.engine.chat_template import ChatTemplateError, encode_chat, prompt_ends_in_reasoning
 from exaserve.engine.outputs import DeltaOutput
 from exaserve.server import protocol as p
+from exaserve.server import responses as rs
 from exaserve.server.metrics import CONTENT_TYPE, Metrics
 from exaserve.server.parsers import (
     THINK_END,
@@ -156,6 +157,24 @@ class _ChatChoice:
 
     def finish_reason(self, engine_reason: str) -> str:
         return "tool_calls" if self._call_index and engine_reason == "stop" else engine_reason
+
+
+class _ReasoningTokens:
+    """Counts the output tokens before `</think>` (the reasoning tokens of usage), from the token ids."""
+
+    def __init__(self, end_ids: list[int], reasoning: bool):
+        self._end, self._active, self._tail = list(end_ids), reasoning and bool(end_ids), []
+        self.count = 0
+
+    def feed(self, token_ids: list[int]) -> None:
+        for token in token_ids:
+            if not self._active:
+                return
+            self.count += 1
+            self._tail = (self._tail + [token])[-len(self._end):]
+            if self._tail == self._end:
+                self.count -= len(self._end)
+                self._active = False
 
 
 # ---------------------------------------------------------------- engine requests of one HTTP request
@@ -413,6 +432,18 @@ class OpenAIServer:
     async def chat_completions(self, request: Request) -> Response:
         request_id = request.state.request_id = p.new_request_id("chatcmpl")
         body: p.ChatCompletionRequest = await self.parse(request, p.ChatCompletionRequest)
+        gen, choices, ids, _ = await self.start_chat(request_id, body)
+        top_n = (body.top_logprobs or 0) if body.logprobs else None
+        meta = (request_id, self.model_name, p.now())
+        if body.stream:
+            return self.stream(gen, self._chat_events(gen, choices, meta, len(ids), top_n, body.include_usage))
+        result = await self.until_disconnect(request, gen, self._chat_full(gen, choices, meta, len(ids), top_n))
+        return _json(result) if result is not None else Response(status_code=499)
+
+    async def start_chat(self, request_id: str, body: p.ChatCompletionRequest
+                         ) -> tuple[_Generation, list[_ChatChoice], list[int], bool]:
+        """Admit, render and start a chat request: its generation, one parser per choice, the prompt ids, and
+        whether the output starts inside the reasoning."""
         self.check_choices(body.n)
         prompt, ids = await asyncio.to_thread(self.encode_chat, body.template_messages(), body.template_tools(),
                                               body.add_generation_prompt, body.template_kwargs())
@@ -429,12 +460,7 @@ class OpenAIServer:
         choices = [_ChatChoice(starts_in_reasoning=reasons, parse_tools=body.parse_tools,
                                special=self._special if body.skip_special_tokens else None, only_tool=named,
                                single_call=body.parallel_tool_calls is False) for _ in range(body.n)]
-        top_n = (body.top_logprobs or 0) if body.logprobs else None
-        meta = (request_id, self.model_name, p.now())
-        if body.stream:
-            return self.stream(gen, self._chat_events(gen, choices, meta, len(ids), top_n, body.include_usage))
-        result = await self.until_disconnect(request, gen, self._chat_full(gen, choices, meta, len(ids), top_n))
-        return _json(result) if result is not None else Response(status_code=499)
+        return gen, choices, ids, reasons
 
     async def _chat_full(self, gen, choices, meta, prompt_len, top_n) -> dict:
         parsed = [[] for _ in choices]
@@ -482,6 +508,54 @@ class OpenAIServer:
             completion_tokens = sum(c.num_output_tokens for c in choices)
             yield p.sse_event(p.chat_chunk(*meta, [], p.usage(prompt_len, completion_tokens,
                                                                _cached_tokens(cached, len(choices)))))
+
+    # -- responses (server/responses.py) -------------------------------------------------------------------
+    async def responses(self, request: Request) -> Response:
+        request_id = request.state.request_id = rs.new_id("resp")
+        body: rs.ResponsesRequest = await self.parse(request, rs.ResponsesRequest)
+        try:
+            chat = p.ChatCompletionRequest.model_validate(body.to_chat())
+        except ValidationError as exc:
+            raise ApiError(400, *p.validation_error_message(exc)) from None
+        gen, (choice,), ids, reasons = await self.start_chat(request_id, chat)
+        builder = rs.ResponseBuilder(request_id, self.model_name, body.echo())
+        run = self._response_run(gen, choice, builder, len(ids), reasons)
+        if body.stream:
+            return StreamingResponse(self._response_sse(gen, builder, run), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"}, background=BackgroundTask(gen.aclose))
+
+        async def collect():
+            async for _ in run:
+                pass
+            return builder.response()
+
+        result = await self.until_disconnect(request, gen, collect())
+        return _json(result) if result is not None else Response(status_code=499)
+
+    async def _response_run(self, gen, choice, builder, prompt_len, reasons) -> AsyncIterator[dict]:
+        """The response's events, from its one choice's deltas (the builder keeps the response)."""
+        for event in builder.start():
+            yield event
+        counter = _ReasoningTokens(self.think_end_ids, reasons)
+        async for _, delta in gen:
+            counter.feed(delta.token_ids)
+            for event in builder.feed(choice.feed(delta)):
+                yield event
+            if delta.finished:
+                usage = rs.usage(prompt_len, delta.num_output_tokens, delta.num_cached_tokens, counter.count)
+                for event in builder.finish(choice.finish_reason(delta.finish_reason), usage):
+                    yield event
+
+    async def _response_sse(self, gen, builder, events: AsyncIterator[dict]) -> AsyncIterator[bytes]:
+        try:
+            async for event in events:
+                yield rs.sse(event)
+        except ApiError as exc:  # the status line is sent already: the error becomes the last event
+            yield rs.sse(builder.error(exc.message, str(exc.status)))
+        except Exception as exc:
+            yield rs.sse(builder.error(_internal_error(gen.request_id, exc).message, "500"))
+        finally:
+            gen.close()
 
     # -- text completions ----------------------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
@@ -642,6 +716,7 @@ def build_app(engine, *, served_model_name: str, api_key: str | None = None, cha
     guarded.add_api_route("/v1/models/{model_id:path}", server.model, methods=["GET"])
     guarded.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
     guarded.add_api_route("/v1/completions", server.completions, methods=["POST"])
+    guarded.add_api_route("/v1/responses", server.responses, methods=["POST"])
     guarded.add_api_route("/tokenize", server.tokenize, methods=["POST"])
     guarded.add_api_route("/detokenize", server.detokenize, methods=["POST"])
     guarded.add_api_route("/reset_prefix_cache", server.reset_prefix_cache, methods=["POST"])
