@@ -515,8 +515,13 @@ class OpenAIServer:
         body: rs.ResponsesRequest = await self.parse(request, rs.ResponsesRequest)
         try:
             chat = p.ChatCompletionRequest.model_validate(body.to_chat())
-        except ValidationError as exc:
-            raise ApiError(400, *p.validation_error_message(exc)) from None
+        except ValidationError as exc:   # named as the chat request names them: the fields they came from
+            message, param = p.validation_error_message(exc)
+            for chat_name, name in (("max_tokens", "max_output_tokens"), ("messages", "input"),
+                                    ("response_format", "text.format"), ("reasoning_effort", "reasoning.effort")):
+                message = message.replace(chat_name, name)
+                param = param and param.replace(chat_name, name)
+            raise ApiError(400, message, param) from None
         gen, (choice,), ids, reasons = await self.start_chat(request_id, chat)
         builder = rs.ResponseBuilder(request_id, self.model_name, body.echo())
         run = self._response_run(gen, choice, builder, len(ids), reasons)
@@ -550,10 +555,11 @@ class OpenAIServer:
         try:
             async for event in events:
                 yield rs.sse(event)
-        except ApiError as exc:  # the status line is sent already: the error becomes the last event
-            yield rs.sse(builder.error(exc.message, str(exc.status)))
-        except Exception as exc:
-            yield rs.sse(builder.error(_internal_error(gen.request_id, exc).message, "500"))
+        except Exception as exc:  # the status line is sent already: the error ends the stream
+            error = exc if isinstance(exc, ApiError) else _internal_error(gen.request_id, exc)
+            code = "invalid_request_error" if error.status < 500 else "server_error"
+            for event in builder.fail(error.message, code):
+                yield rs.sse(event)
         finally:
             gen.close()
 

@@ -171,6 +171,8 @@ class ResponsesRequest(_Model):
     stream: bool = False
     store: bool | None = None
     previous_response_id: str | None = None
+    conversation: str | dict[str, Any] | None = None
+    background: bool | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
     truncation: Literal["auto", "disabled"] | None = None
@@ -217,6 +219,14 @@ class ResponsesRequest(_Model):
                              "(pass earlier output items back as input items)")
         return value
 
+    @field_validator("conversation", "background")
+    @classmethod
+    def _no_server_state(cls, value):
+        if value:
+            raise ValueError("not supported: this server keeps no conversations and runs no background responses; "
+                             "send the whole conversation in `input`")
+        return value
+
     @field_validator("truncation")
     @classmethod
     def _no_truncation(cls, value):
@@ -256,7 +266,7 @@ class ResponsesRequest(_Model):
                 assistant().setdefault("tool_calls", []).append(call)
             elif isinstance(item, MessageItem) and item.role == "assistant":
                 message = assistant()
-                if message.get("tool_calls") or message.get("content") is not None:   # a new turn
+                if message.get("content") is not None:   # a turn has one text: a second one starts the next turn
                     turn = None
                     message = assistant()
                 message["content"] = item.content
@@ -329,7 +339,7 @@ class ResponseBuilder:
         self._open: dict | None = None   # the item deltas currently extend
         self._calls: dict[int, dict] = {}  # the parser's call index -> its function_call item
         self._seq = 0
-        self.status, self.incomplete, self.usage = "in_progress", None, None
+        self.status, self.incomplete, self.usage, self.error = "in_progress", None, None, None
 
     def _event(self, kind: str, **fields) -> dict:
         event = {"type": kind, "sequence_number": self._seq, **fields}
@@ -338,7 +348,7 @@ class ResponseBuilder:
 
     def response(self) -> dict:
         return {"id": self.id, "object": "response", "created_at": self.created_at, "status": self.status,
-                "model": self.model, "output": self.output, "error": None,
+                "model": self.model, "output": self.output, "error": self.error,
                 "incomplete_details": self.incomplete, "usage": self.usage, **self.echo}
 
     def start(self) -> list[dict]:
@@ -362,8 +372,9 @@ class ResponseBuilder:
         item["status"] = status
         where = self._where(item)
         if item["type"] == "reasoning":
-            text = item["content"][0]["text"]
-            events = [self._event("response.reasoning_text.done", **where, content_index=0, text=text)]
+            part = item["content"][0]
+            events = [self._event("response.reasoning_text.done", **where, content_index=0, text=part["text"]),
+                      self._event("response.content_part.done", **where, content_index=0, part=part)]
         elif item["type"] == "message":
             part = item["content"][0]
             events = [self._event("response.output_text.done", **where, content_index=0, text=part["text"],
@@ -378,8 +389,11 @@ class ResponseBuilder:
         events = []
         if delta.reasoning:
             if self._open is None or self._open["type"] != "reasoning":
-                events += self._add({"id": new_id("rs"), "type": "reasoning", "summary": [],
-                                     "content": [{"type": "reasoning_text", "text": ""}], "status": "in_progress"})
+                item = {"id": new_id("rs"), "type": "reasoning", "summary": [],
+                        "content": [{"type": "reasoning_text", "text": ""}], "status": "in_progress"}
+                events += self._add(item)
+                events.append(self._event("response.content_part.added", **self._where(item), content_index=0,
+                                          part=dict(item["content"][0])))
             self._open["content"][0]["text"] += delta.reasoning
             events.append(self._event("response.reasoning_text.delta", **self._where(self._open), content_index=0,
                                       delta=delta.reasoning))
@@ -416,9 +430,13 @@ class ResponseBuilder:
         kind = "response.incomplete" if cut else "response.completed"
         return events + [self._event(kind, response=self.response())]
 
-    def error(self, message: str, code: str | None = None) -> dict:
-        """The stream's last event when the response fails after it started."""
-        return self._event("error", code=code, message=message, param=None)
+    def fail(self, message: str, code: str) -> list[dict]:
+        """The stream's last events when the response fails after it started: an `error` event, the open item
+        closed as incomplete, and `response.failed` with the error in the response."""
+        events = [self._event("error", code=code, message=message, param=None)] + self._close("incomplete")
+        self.status = "failed"
+        self.error = {"code": code, "message": message}
+        return events + [self._event("response.failed", response=self.response())]
 
 
 def _empty(item: dict) -> dict:
@@ -427,6 +445,7 @@ def _empty(item: dict) -> dict:
 
 
 def usage(input_tokens: int, output_tokens: int, cached_tokens: int, reasoning_tokens: int) -> dict:
-    return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": cached_tokens},
+    return {"input_tokens": input_tokens,
+            "input_tokens_details": {"cached_tokens": cached_tokens, "cache_write_tokens": 0},
             "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
             "total_tokens": input_tokens + output_tokens}

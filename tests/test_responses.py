@@ -97,8 +97,8 @@ def test_builder_events_accumulate_to_the_response():
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     kinds = [e["type"].removeprefix("response.") for e in events]
     assert kinds == ["created", "in_progress",
-                     "output_item.added", "reasoning_text.delta", "reasoning_text.delta", "reasoning_text.done",
-                     "output_item.done",
+                     "output_item.added", "content_part.added", "reasoning_text.delta", "reasoning_text.delta",
+                     "reasoning_text.done", "content_part.done", "output_item.done",
                      "output_item.added", "content_part.added", "output_text.delta", "output_text.delta",
                      "output_text.done", "content_part.done", "output_item.done",
                      "output_item.added", "function_call_arguments.delta", "function_call_arguments.delta",
@@ -108,6 +108,21 @@ def test_builder_events_accumulate_to_the_response():
     assert message["content"][0]["text"] == "Hello" and message["status"] == "completed"
     assert (call["call_id"], call["name"], call["arguments"]) == ("call_1", "f", '{"a": 1}')
     assert events[-1]["response"]["status"] == "completed"
+    assert builder.response()["usage"] == {"input_tokens": 1}
+
+
+def test_builder_fails_the_response_mid_stream():
+    from exaserve.server.parsers import ParsedDelta
+
+    builder = ResponseBuilder("resp_x", "m", ResponsesRequest.model_validate({"input": "Hi"}).echo())
+    builder.start()
+    builder.feed(ParsedDelta(content="Hel"))
+    events = builder.fail("the server is shutting down", "server_error")
+    assert [e["type"] for e in events] == ["error", "response.output_text.done", "response.content_part.done",
+                                           "response.output_item.done", "response.failed"]
+    response = events[-1]["response"]
+    assert response["status"] == "failed" and response["output"][0]["status"] == "incomplete"
+    assert response["error"] == {"code": "server_error", "message": "the server is shutting down"}
 
 
 # ---------------------------------------------------------------- live server
@@ -152,6 +167,10 @@ def test_reasoning_then_a_tool_call_then_the_answer(client):
                                      temperature=0)
     assert second.output_text == ANSWER_TURN and [item.type for item in second.output] == ["message"]
     assert second.usage.input_tokens > first.usage.input_tokens + 5       # the reasoning, call and result
+    # the reasoning item passed back is rendered into the assistant turn (interleaved thinking)
+    without = client.responses.create(model=MODEL, input=[follow_up[0], *follow_up[2:]], tools=[WEATHER],
+                                      reasoning=NO_THINKING, temperature=0, max_output_tokens=1)
+    assert without.usage.input_tokens < second.usage.input_tokens
 
 
 def streamed(client, **kwargs):
@@ -169,7 +188,8 @@ def test_stream_events_in_order_and_equal_to_the_full_response(client):
     kinds = [e.type.removeprefix("response.") for e in events]
     collapsed = [k for i, k in enumerate(kinds) if i == 0 or k != kinds[i - 1] or not k.endswith("delta")]
     assert collapsed == ["created", "in_progress",
-                         "output_item.added", "reasoning_text.delta", "reasoning_text.done", "output_item.done",
+                         "output_item.added", "content_part.added", "reasoning_text.delta", "reasoning_text.done",
+                         "content_part.done", "output_item.done",
                          "output_item.added", "function_call_arguments.delta", "function_call_arguments.done",
                          "output_item.done", "completed"]
     assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == REASONING
@@ -179,7 +199,10 @@ def test_stream_events_in_order_and_equal_to_the_full_response(client):
                                                                           for i in full.output]
     assert final.output[0].content[0].text == full.output[0].content[0].text == REASONING
     assert final.output[1].arguments == arguments and json.loads(arguments) == json.loads(full.output[1].arguments)
-    assert final.usage.output_tokens == full.usage.output_tokens
+    assert [i.status for i in final.output] == [i.status for i in full.output] == ["completed", "completed"]
+    assert final.status == full.status == "completed"
+    assert final.usage.model_dump() == full.usage.model_dump()
+    assert (final.tools, final.tool_choice, final.parallel_tool_calls) == (full.tools, full.tool_choice, True)
 
     events, final = streamed(client, input=ASK, reasoning=NO_THINKING, temperature=0)
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
@@ -214,7 +237,9 @@ def test_bad_input_is_400_and_the_server_keeps_serving(client):
                             ({"tools": [{"type": "web_search"}]}, "only function tools"),
                             ({"tool_choice": {"type": "function", "name": "nope"}, "tools": [WEATHER]},
                              "unknown tool 'nope'"),
-                            ({"max_output_tokens": 0}, "max_output_tokens")]:
+                            ({"max_output_tokens": 0}, "max_output_tokens"),
+                            ({"extra_body": {"background": True}}, "no background responses"),
+                            ({"extra_body": {"conversation": "conv_1"}}, "keeps no conversations")]:
         with pytest.raises(openai.BadRequestError, match=message) as info:
             client.responses.create(model=MODEL, input=ASK, **kwargs)
         assert info.value.status_code == 400 and info.value.response.json()["error"]["type"] == "BadRequestError"
