@@ -26,6 +26,8 @@ tokens - 1).
 --json-schema FILE sends that JSON schema as response_format (type json_schema) with every request, to measure
 structured-output decoding against the same run without it; a schema that cannot end before --output-len (e.g.
 benchmarks/schema_records.json, a long array of records) keeps every request constrained to its last token.
+With a reasoning chat template the constraint starts after `</think>`, which a random model never writes: send
+--chat-template-kwargs '{"enable_thinking": false}' so that it starts at the first token.
 
 --sweep-concurrency 1,8,32 runs the workload at each level and plots TTFT and TPOT p50 against output
 throughput; --plot A.json B.json ... draws the runs of several result files (e.g. two servers) in one PNG.
@@ -479,6 +481,8 @@ async def run_level(args, prompts: list[Prompt], model: str, concurrency: int | 
     if args.json_schema:
         common["response_format"] = {"type": "json_schema", "json_schema": {
             "name": args.json_schema.stem, "schema": json.loads(args.json_schema.read_text())}}
+    if args.chat_template_kwargs is not None and endpoint.endswith("/chat/completions"):
+        common["chat_template_kwargs"] = args.chat_template_kwargs
     limit = concurrency or len(prompts)
     # not measured: first-call costs (allocations, lazy imports); a multi-turn warm-up talks of something else
     warmups = [Prompt({"messages": [{"role": "user", "content": "warm up"}]}, 2, 8)] * args.warmup \
@@ -728,6 +732,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--temperature", type=float, default=0.0, help="sent with every request (0: greedy)")
     ap.add_argument("--json-schema", type=Path, metavar="FILE",
                     help="send this JSON schema as response_format with every request (structured outputs)")
+    ap.add_argument("--chat-template-kwargs", type=json.loads, metavar="JSON",
+                    help='sent with every chat request, e.g. \'{"enable_thinking": false}\' (a reasoning model\'s '
+                         'grammar only starts after its reasoning)')
     ap.add_argument("--request-rate", type=_rate, default=math.inf, help="requests/s (Poisson), inf: all at once")
     ap.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps; 1 = Poisson")
     ap.add_argument("--max-concurrency", type=int, help="requests in flight at most (default: no limit)")

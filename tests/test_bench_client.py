@@ -145,6 +145,23 @@ def test_runs_against_a_live_server(server, tiny_model, tmp_path, dataset):
         assert not (tmp_path / "p.png").exists()
 
 
+def test_schema_runs_send_the_template_kwargs(server, tiny_model, tmp_path, monkeypatch):
+    """--json-schema with --chat-template-kwargs: every chat request carries both (thinking off, so a reasoning
+    template's grammar starts at the first token), and the constrained run completes."""
+    bodies, send = [], serve.send
+    monkeypatch.setattr(serve, "send", lambda target, endpoint, body, prompt: bodies.append(body) or send(
+        target, endpoint, body, prompt))
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps({"type": "array", "items": {"type": "integer"}}))
+    out = tmp_path / "r.json"
+    code = serve.main(["--base-url", server.url, "--api-key", "k1", "--tokenizer", str(tiny_model), "--dataset",
+                       "chat", "--input-len", "12", "--output-len", "6", "--num-prompts", "3", "--json-schema",
+                       str(schema), "--chat-template-kwargs", '{"enable_thinking": false}', "--result-file", str(out)])
+    assert code == 0 and json.loads(out.read_text())["runs"][0]["completed"] == 3
+    assert len(bodies) == 4 and all(b["chat_template_kwargs"] == {"enable_thinking": False} and
+                                    b["response_format"]["json_schema"]["schema"]["type"] == "array" for b in bodies)
+
+
 @pytest.mark.parametrize("dataset", ["shared-prefix", "multi-turn"])
 def test_prefix_cache_workloads(server, tiny_model, tmp_path, dataset):
     """The shared system prompt and the multi-turn conversations (each turn resends the history, answers
