@@ -136,23 +136,27 @@ class _ChatChoice:
         text = self._filter.feed(delta.text, delta.finished) if self._filter else delta.text
         out = self._parser.feed(text)
         if delta.finished:
-            tail = self._parser.finish()
-            out = ParsedDelta(out.reasoning + tail.reasoning, out.content + tail.content,
-                              out.tool_calls + tail.tool_calls)
-        out.tool_calls = self._select(out.tool_calls)
+            for kind, value in self._parser.finish().ordered():
+                out.add(kind, value)
         self.num_output_tokens = delta.num_output_tokens
-        return out
+        return self._select(out)
 
-    def _select(self, pieces):
-        kept = []
-        for piece in pieces:
-            if piece.id is not None:  # a call's first piece carries its name
-                wanted = self._only_tool is None or piece.name == self._only_tool
+    def _select(self, out: ParsedDelta) -> ParsedDelta:
+        """The delta with only the kept calls, renumbered (a named tool_choice, parallel_tool_calls=false)."""
+        if not out.tool_calls:
+            return out
+        kept = ParsedDelta()
+        for kind, value in out.ordered():
+            if kind != "tool_call":
+                kept.add(kind, value)
+                continue
+            if value.id is not None:  # a call's first piece carries its name
+                wanted = self._only_tool is None or value.name == self._only_tool
                 if wanted and not (self._single_call and self._call_index):
-                    self._call_index[piece.index] = len(self._call_index)
-            index = self._call_index.get(piece.index)
+                    self._call_index[value.index] = len(self._call_index)
+            index = self._call_index.get(value.index)
             if index is not None:
-                kept.append(replace(piece, index=index))
+                kept.add(kind, replace(value, index=index))
         return kept
 
     def finish_reason(self, engine_reason: str) -> str:

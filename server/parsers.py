@@ -68,9 +68,33 @@ class ParsedDelta:
     reasoning: str = ""
     content: str = ""
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    # The same pieces in the order the model wrote them, when that is known (the parser's deltas): ("reasoning",
+    # text), ("content", text) or ("tool_call", ToolCallDelta). Text after a call stays after it here.
+    parts: list[tuple[str, object]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.reasoning or self.content or self.tool_calls)
+
+    def add(self, kind: str, value) -> None:
+        """Append text ("reasoning", "content") or a tool-call piece ("tool_call") to the fields and the parts."""
+        if kind == "tool_call":
+            self.tool_calls.append(value)
+            self.parts.append((kind, value))
+            return
+        if not value:
+            return
+        setattr(self, kind, getattr(self, kind) + value)
+        if self.parts and self.parts[-1][0] == kind:
+            self.parts[-1] = (kind, self.parts[-1][1] + value)
+        else:
+            self.parts.append((kind, value))
+
+    def ordered(self) -> list[tuple[str, object]]:
+        """The pieces in order: `parts`, or for a delta built from its fields alone, reasoning, content, calls."""
+        if self.parts:
+            return self.parts
+        return [(k, v) for k, v in (("reasoning", self.reasoning), ("content", self.content)) if v] + [
+            ("tool_call", piece) for piece in self.tool_calls]
 
 
 @dataclass
@@ -173,17 +197,17 @@ class OutputParser:
         if self._state == _REASONING:
             end = buf.find(THINK_END)
             if end >= 0:
-                out.reasoning += buf[:end].rstrip()
+                out.add("reasoning", buf[:end].rstrip())
                 self._enter(_CONTENT, buf[end + len(THINK_END):], skip_space=True)
                 return True
             decided, self._buf = (buf.rstrip(), "") if final else _split_decided(buf, THINK_END)
-            out.reasoning += decided
+            out.add("reasoning", decided)
             return False
         if self._state == _CONTENT:
             start = buf.find(TOOL_START) if self._parse_tools else -1
             if start >= 0:
                 before = buf[:start].rstrip()
-                out.content += before
+                out.add("content", before)
                 self._space_before_call = buf[len(before):start]
                 self._enter(_TOOL_CALL, buf[start + len(TOOL_START):])
                 return True
@@ -191,7 +215,7 @@ class OutputParser:
                 decided, self._buf = buf, ""
             else:
                 decided, self._buf = _split_decided(buf, TOOL_START)
-            out.content += decided
+            out.add("content", decided)
             return False
         return self._step_tool_call(out, final)
 
@@ -201,24 +225,25 @@ class OutputParser:
         reopened = buf.find(TOOL_START)
         if reopened >= 0 and (end < 0 or reopened < end):
             # The block was never closed before a new one began: its opening tag is plain text.
-            out.content += self._space_before_call + TOOL_START
+            out.add("content", self._space_before_call + TOOL_START)
             self._enter(_CONTENT, buf)
             return True
         if end < 0:
             if final:
-                out.content += self._space_before_call + TOOL_START + buf
+                out.add("content", self._space_before_call + TOOL_START + buf)
                 self._buf = ""
             return False
         body = buf[:end]
         call = _parse_tool_call(body)
         if call is None:
-            out.content += self._space_before_call + TOOL_START + body + TOOL_END
+            out.add("content", self._space_before_call + TOOL_START + body + TOOL_END)
             self._enter(_CONTENT, buf[end + len(TOOL_END):])
             return True
         name, arguments = call
         index = self._num_calls
         self._num_calls += 1
-        out.tool_calls += [ToolCallDelta(index, self._id_factory(), name), ToolCallDelta(index, arguments=arguments)]
+        out.add("tool_call", ToolCallDelta(index, self._id_factory(), name))
+        out.add("tool_call", ToolCallDelta(index, arguments=arguments))
         self._enter(_CONTENT, buf[end + len(TOOL_END):], skip_space=True)
         return True
 

@@ -387,37 +387,38 @@ class ResponseBuilder:
 
     def feed(self, delta: ParsedDelta) -> list[dict]:
         events = []
-        if delta.reasoning:
-            if self._open is None or self._open["type"] != "reasoning":
-                item = {"id": new_id("rs"), "type": "reasoning", "summary": [],
-                        "content": [{"type": "reasoning_text", "text": ""}], "status": "in_progress"}
-                events += self._add(item)
-                events.append(self._event("response.content_part.added", **self._where(item), content_index=0,
-                                          part=dict(item["content"][0])))
-            self._open["content"][0]["text"] += delta.reasoning
-            events.append(self._event("response.reasoning_text.delta", **self._where(self._open), content_index=0,
-                                      delta=delta.reasoning))
-        if delta.content:
-            if self._open is None or self._open["type"] != "message":
-                item = {"id": new_id("msg"), "type": "message", "role": "assistant", "status": "in_progress",
-                        "content": [{"type": "output_text", "text": "", "annotations": [], "logprobs": []}]}
-                events += self._add(item)
-                events.append(self._event("response.content_part.added", **self._where(item), content_index=0,
-                                          part=dict(item["content"][0])))
-            self._open["content"][0]["text"] += delta.content
-            events.append(self._event("response.output_text.delta", **self._where(self._open), content_index=0,
-                                      delta=delta.content, logprobs=[]))
-        for piece in delta.tool_calls:
-            if piece.id is not None:   # a call's first piece: its id and name
-                item = {"id": new_id("fc"), "type": "function_call", "call_id": piece.id, "name": piece.name,
-                        "arguments": "", "status": "in_progress"}
-                events += self._add(item)
-                self._calls[piece.index] = item
-            item = self._calls[piece.index]
-            if piece.arguments:
-                item["arguments"] += piece.arguments
-                events.append(self._event("response.function_call_arguments.delta", **self._where(item),
-                                          delta=piece.arguments))
+        for kind, value in delta.ordered():   # in the order the model wrote them: text after a call follows it
+            if kind == "reasoning":
+                if self._open is None or self._open["type"] != "reasoning":
+                    item = {"id": new_id("rs"), "type": "reasoning", "summary": [],
+                            "content": [{"type": "reasoning_text", "text": ""}], "status": "in_progress"}
+                    events += self._add(item)
+                    events.append(self._event("response.content_part.added", **self._where(item), content_index=0,
+                                              part=dict(item["content"][0])))
+                self._open["content"][0]["text"] += value
+                events.append(self._event("response.reasoning_text.delta", **self._where(self._open),
+                                          content_index=0, delta=value))
+            elif kind == "content":
+                if self._open is None or self._open["type"] != "message":
+                    item = {"id": new_id("msg"), "type": "message", "role": "assistant", "status": "in_progress",
+                            "content": [{"type": "output_text", "text": "", "annotations": [], "logprobs": []}]}
+                    events += self._add(item)
+                    events.append(self._event("response.content_part.added", **self._where(item), content_index=0,
+                                              part=dict(item["content"][0])))
+                self._open["content"][0]["text"] += value
+                events.append(self._event("response.output_text.delta", **self._where(self._open), content_index=0,
+                                          delta=value, logprobs=[]))
+            else:
+                if value.id is not None:   # a call's first piece: its id and name
+                    item = {"id": new_id("fc"), "type": "function_call", "call_id": value.id, "name": value.name,
+                            "arguments": "", "status": "in_progress"}
+                    events += self._add(item)
+                    self._calls[value.index] = item
+                item = self._calls[value.index]
+                if value.arguments:
+                    item["arguments"] += value.arguments
+                    events.append(self._event("response.function_call_arguments.delta", **self._where(item),
+                                              delta=value.arguments))
         return events
 
     def finish(self, finish_reason: str, usage: dict) -> list[dict]:

@@ -111,6 +111,28 @@ def test_builder_events_accumulate_to_the_response():
     assert builder.response()["usage"] == {"input_tokens": 1}
 
 
+def test_output_items_keep_the_order_the_model_wrote():
+    """Text after a tool call in the same step (several tokens per step: MTP, or the end of the output) becomes a
+    message item after the call, not before it: the parser's delta keeps its parts in order."""
+    from exaserve.server.parsers import OutputParser
+
+    parser = OutputParser(starts_in_reasoning=True, parse_tools=True, id_factory=lambda: "call_1")
+    delta = parser.feed('Plan.</think>Checking.<tool_call>{"name": "f", "arguments": {"a": 1}}</tool_call>'
+                        "\nDone, see above.")
+    tail = parser.finish()
+    for kind, value in tail.ordered():
+        delta.add(kind, value)
+    assert [kind for kind, _ in delta.ordered()] == ["reasoning", "content", "tool_call", "tool_call", "content"]
+    assert (delta.reasoning, delta.content) == ("Plan.", "Checking.Done, see above.")
+    builder = ResponseBuilder("resp_x", "m", ResponsesRequest.model_validate({"input": "Hi"}).echo())
+    builder.feed(delta)
+    builder.finish("tool_calls", {})
+    output = builder.response()["output"]
+    assert [item["type"] for item in output] == ["reasoning", "message", "function_call", "message"]
+    assert [output[1]["content"][0]["text"], output[3]["content"][0]["text"]] == ["Checking.", "Done, see above."]
+    assert (output[2]["name"], output[2]["arguments"]) == ("f", '{"a": 1}')
+
+
 def test_builder_fails_the_response_mid_stream():
     from exaserve.server.parsers import ParsedDelta
 
