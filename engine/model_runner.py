@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -26,23 +25,6 @@ log = logging.getLogger("exaserve.engine")
 
 def _row(r: Request) -> SamplingRow:
     return SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator, r.eos_token_ids)
-
-
-def _grammar_ends_before_min_tokens(logits: torch.Tensor, masked: list[int], rows: list[SamplingRow]
-                                    ) -> list[SamplingRow]:
-    """A grammar that allows only a stop token outranks min_tokens: the output is complete, so that row may stop
-    now (min_tokens masking the stop tokens too would leave it nothing to sample). Rows of `masked` (logits rows
-    just masked by their grammars) still short of min_tokens are checked; returns the rows to sample with."""
-    rows = list(rows)
-    for j in masked:
-        row = rows[j]
-        if len(row.output_token_ids) >= row.params.min_tokens:
-            continue
-        allowed = torch.isfinite(logits[j]).nonzero().flatten().tolist()
-        stops = set(row.eos_token_ids) | set(row.params.stop_token_ids or ())
-        if allowed and stops.issuperset(allowed):
-            rows[j] = replace(row, params=replace(row.params, min_tokens=0))
-    return rows
 
 
 class ModelRunner:
@@ -195,7 +177,6 @@ class ModelRunner:
         constrained = [(j, batch.requests[s].grammar, ()) for j, s in enumerate(plain) if batch.requests[s].grammar]
         if constrained:
             apply_masks(logits, constrained)
-            rows = _grammar_ends_before_min_tokens(logits, [j for j, _, _ in constrained], rows)
 
         def run(js: list[int]) -> None:
             out = self.sampler(logits if len(js) == len(rows) else logits[js], [rows[j] for j in js])

@@ -1,7 +1,8 @@
 """Batched token sampling: logit processors, seeded sampling and top-N logprobs, all on the device.
 
 Processing order (vLLM's, so results match what OpenAI-style clients expect):
-  logit_bias -> min_tokens mask (EOS and stop_token_ids) -> repetition penalty (prompt + output)
+  logit_bias -> min_tokens mask (EOS and stop_token_ids; not where a grammar allows only those) ->
+  repetition penalty (prompt + output)
   -> frequency / presence penalties (output) -> [greedy rows stop here: argmax]
   -> temperature -> top_k -> top_p -> min_p -> sample.
 Filtered tokens get -inf. Every stage is skipped when no row in the batch uses it.
@@ -158,15 +159,26 @@ def _apply_logit_bias(x: torch.Tensor, rows: list[SamplingRow]) -> None:
 
 
 def _apply_min_tokens(x: torch.Tensor, rows: list[SamplingRow]) -> None:
-    entries = [
-        (i, token)
-        for i, row in enumerate(rows)
-        if len(row.output_token_ids) < row.params.min_tokens
-        for token in (*row.eos_token_ids, *(row.params.stop_token_ids or ()))
-    ]
+    entries = []
+    for i, row in enumerate(rows):
+        if len(row.output_token_ids) >= row.params.min_tokens:
+            continue
+        stops = (*row.eos_token_ids, *(row.params.stop_token_ids or ()))
+        if not _only_stops_left(x[i], stops):
+            entries += [(i, token) for token in stops]
     if entries:
         r, t = zip(*entries)
         x[torch.tensor(r, device=x.device), torch.tensor(t, device=x.device)] = NEG_INF
+
+
+def _only_stops_left(row: torch.Tensor, stops: tuple[int, ...]) -> bool:
+    """Whether a grammar's mask left this row only stop tokens: the output is complete, and that outranks
+    min_tokens (masking the stops too would leave nothing to sample)."""
+    finite = torch.isfinite(row)
+    if int(finite.sum()) > len(stops):   # the common case, without listing the vocabulary
+        return False
+    allowed = finite.nonzero().flatten().tolist()
+    return bool(allowed) and set(stops).issuperset(allowed)
 
 
 def _apply_penalties(x: torch.Tensor, rows: list[SamplingRow]) -> None:

@@ -308,6 +308,18 @@ def test_extreme_settings_sample_no_nan(kwargs, allowed):
     assert not probs.isnan().any() and {i for i, p in enumerate(probs.tolist()) if p > 0} == allowed
 
 
+def test_min_tokens_yields_when_only_stop_tokens_are_left():
+    """A grammar's mask that leaves only stop tokens (the output is complete) outranks min_tokens, which would
+    mask those too; where other tokens are left, min_tokens masks the stops as usual."""
+    only_eos = torch.full((2, 6), float("-inf"))
+    only_eos[:, 5] = 1.0
+    rows = [extreme_row(temperature=0), extreme_row(temperature=0.5, seed=3)]
+    assert Sampler()(only_eos, rows).token_ids == [5, 5]
+    more = only_eos.clone()
+    more[:, 2] = 0.0
+    assert Sampler()(more, rows).token_ids == [2, 2]
+
+
 def test_nan_or_inf_from_the_model_and_an_empty_row_raise():
     logits = torch.tensor([EXTREME_LOGITS] * 3)
     logits[1, 2] = float("nan")
@@ -317,8 +329,7 @@ def test_nan_or_inf_from_the_model_and_an_empty_row_raise():
             sample(logits, rows)
         with pytest.raises(FloatingPointError, match=r"NaN or \+inf .*forward pass\)$"):
             sample(logits[1:2] * 0 + float("inf"), rows[:1])
-        # every token but EOS at -inf from the model, and min_tokens masks EOS
+        # every token at -inf from the model: nothing to sample
         empty = torch.full((1, 6), float("-inf"))
-        empty[0, 5] = 1.0
         with pytest.raises(FloatingPointError, match="no token is left"):
             sample(empty, [extreme_row(temperature=0.5)])

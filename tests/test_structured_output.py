@@ -314,17 +314,18 @@ def test_a_complete_output_stops_before_min_tokens(tiny_model):
     """Once the grammar allows only the stop token, the request stops there even short of min_tokens (which would
     otherwise mask the stop token too and leave nothing to sample), greedy and sampled; other requests keep
     min_tokens."""
-    llm = LLM(str(tiny_model), dtype="float32", max_num_seqs=4)
-    try:
-        choice = StructuredOutput(choice=("Seoul", "Busan"))
-        params = [SamplingParams(max_tokens=30, temperature=t, seed=1, min_tokens=10, structured_outputs=choice)
-                  for t in (0.0, 1.0)] + [SamplingParams(max_tokens=30, temperature=0, min_tokens=12)]
-        outs = [o.outputs[0] for o in llm.generate([[1, 300, 301]] * 3, params, use_tqdm=False)]
-    finally:
-        llm.engine.close()
-    for out in outs[:2]:
-        assert out.finish_reason == "stop" and out.text in ("Seoul", "Busan")
-    assert len(outs[2].token_ids) >= 12
+    for k in (0, 1):   # plain decoding, and MTP's verification
+        llm = LLM(str(tiny_model), dtype="float32", max_num_seqs=4, num_speculative_tokens=k)
+        try:
+            choice = StructuredOutput(choice=("Seoul", "Busan"))
+            params = [SamplingParams(max_tokens=30, temperature=t, seed=1, min_tokens=10, structured_outputs=choice)
+                      for t in (0.0, 1.0)] + [SamplingParams(max_tokens=30, temperature=0, min_tokens=12)]
+            outs = [o.outputs[0] for o in llm.generate([[1, 300, 301]] * 3, params, use_tqdm=False)]
+        finally:
+            llm.engine.close()
+        for out in outs[:2]:
+            assert out.finish_reason == "stop" and out.text in ("Seoul", "Busan"), (k, out)
+        assert len(outs[2].token_ids) >= 12
 
 
 def test_tensor_parallel_samples_under_the_grammar_as_one_rank(tiny_model):
