@@ -13,6 +13,9 @@
 #   benchmarks/compare.sh                            # every engine
 #   ENGINES="exaserve vllm" benchmarks/compare.sh    # a subset: any of exaserve vllm-default vllm llama
 #
+# The table reads every result file in benchmarks/results: engines left out of ENGINES keep their earlier results
+# (dated in the table's last lines), so a rerun of one engine compares against the others' last run.
+#
 # Environment: BENCH_PYTHON (python with exaserve's deps, httpx, matplotlib; default: python3),
 # VLLM_VENV (default: a vllm-venv folder beside the repo; made with pip on first use), BENCH_CACHE
 # (checkpoint cache; default ~/.cache/exaserve-bench), NUM_PROMPTS, LEVELS, PORT, KV_GIB, SETTINGS, ENGINES,
@@ -125,7 +128,7 @@ for label, key in (("startup (s)", "startup_s"), ("peak RSS (MiB)", "peak_rss_mi
     print(f"{label:<30}{fmt(ev):>12}{fmt(pv):>12}{ps:>16}{ratio(ev, pv):>10}")
     rows.append({"metric": label, "exaserve": ev, "peer": pv, "peer_name": ps, "ratio": ev / pv if ev and pv else None})
 for s, d in peers.items():
-    print(f"   {s}: startup {fmt(d['server'].get('startup_s'))} s, peak RSS {fmt(d['server'].get('peak_rss_mib'), '.0f')} MiB, "
+    print(f"   {s} ({d['date']}): startup {fmt(d['server'].get('startup_s'))} s, peak RSS {fmt(d['server'].get('peak_rss_mib'), '.0f')} MiB, "
           + ", ".join(f"c={c} {r['output_throughput']:.1f} tok/s" for c, r in sorted(d["runs"].items())))
 import subprocess
 commit = subprocess.run(["git", "-C", str(results), "describe", "--always", "--dirty"], capture_output=True,
