@@ -22,7 +22,7 @@ import string
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from exaserve.server.parsers import ParsedDelta
 from exaserve.server.protocol import _Model, now
@@ -50,15 +50,15 @@ def _text_of_parts(value, kinds: tuple[str, ...], what: str):
     return "\n".join(texts)
 
 
+# A string, or text parts (input_text / output_text / text) joined with newlines.
+Text = Annotated[str, BeforeValidator(lambda value: _text_of_parts(value, ("input_text", "output_text", "text"),
+                                                                   "content"))]
+
+
 class MessageItem(_Model):
     type: Literal["message"] = "message"
     role: Literal["user", "system", "developer", "assistant"]
-    content: str
-
-    @field_validator("content", mode="before")
-    @classmethod
-    def _join_text_parts(cls, value):
-        return _text_of_parts(value, ("input_text", "output_text", "text"), "content")
+    content: Text
 
 
 class FunctionCallItem(_Model):
@@ -71,12 +71,7 @@ class FunctionCallItem(_Model):
 class FunctionCallOutputItem(_Model):
     type: Literal["function_call_output"]
     call_id: str
-    output: str
-
-    @field_validator("output", mode="before")
-    @classmethod
-    def _join_text_parts(cls, value):
-        return _text_of_parts(value, ("input_text", "output_text", "text"), "output")
+    output: Text
 
 
 class _ReasoningText(_Model):
