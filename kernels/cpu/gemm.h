@@ -173,7 +173,9 @@ inline void ukernel(const float* const* x, const W* panel, int K, float* out, in
   }
   int k = 0;
   for (; k + PH <= K; k += PH) {
-    if constexpr (PREFETCH > 0) __builtin_prefetch(panel + (k + PREFETCH) * PW, 0, EXA_PF_LOCALITY);
+    if constexpr (PREFETCH > 0)  // every cache line of the PH k-rows this iteration reads, PREFETCH rows ahead
+      for (int b = 0; b < int(PH * PW * sizeof(W)); b += 64)
+        __builtin_prefetch(reinterpret_cast<const char*>(panel + (k + PREFETCH) * PW) + b, 0, EXA_PF_LOCALITY);
 #pragma GCC unroll 2
     for (int p = 0; p < PH; ++p) {
       vf w[NV];
