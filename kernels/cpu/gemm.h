@@ -224,6 +224,18 @@ void panel_rows(const float* const* x, int M, const W* panel, int K, float* o, i
   if (M - m >= 1) ukernel<1>(x + m, panel, K, o + m * ldo, ldo, width, s, bk);
 }
 
+// The first k-rows of the panel stream that starts at panel p0 of a part: the k loop prefetches PREFETCH rows
+// ahead of itself, so without this the head of every work item's stream is read on demand, one miss after another
+// (decode's work items are short: a third of an MoE item's bytes).
+template <typename W>
+inline void prefetch_head(const W* part, int p0, int K) {
+  if constexpr (PREFETCH > 0) {
+    const char* p = reinterpret_cast<const char*>(part + int64_t(p0) * PW * K);
+    const int64_t bytes = int64_t(std::min(K, PREFETCH)) * PW * sizeof(W);
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, EXA_PF_LOCALITY);
+  }
+}
+
 // Columns [32 p0, min(32 p1, R)) of x @ part^T for M rows (part: R packed rows of K); out column 0 is column
 // 32 p0. Single-threaded; callers split panels and rows between threads.
 template <typename W>
@@ -231,6 +243,7 @@ void gemm_panels(const float* const* x, int M, const W* part, int R, int K, int 
                  int64_t ldo) {
   thread_local std::vector<W> pad;
   thread_local std::vector<float> wide;
+  prefetch_head(part, p0, K);
   for (int p = p0; p < p1; ++p) {
     const int width = std::min(PW, R - p * PW);
     const W* panel = part + int64_t(p) * PW * K;
@@ -277,6 +290,7 @@ inline const W* advance(const W* w, int64_t rows, int64_t K) {
   return w + rows * K;
 }
 inline Fp8W advance(Fp8W w, int64_t rows, int64_t K) { return {w.q + rows * K, w.s + rows / PW * w.KB, w.KB, w.bk}; }
+inline void prefetch_head(Fp8W w, int p0, int K) { prefetch_head(w.q, p0, K); }
 
 // Handles of a weight of element type W (uint8_t: FP8, with its scales) from its storage.
 template <typename W>
@@ -296,6 +310,7 @@ inline void gemm_panels(const float* const* x, int M, Fp8W part, int R, int K, i
                         int64_t ldo) {
   thread_local std::vector<float> wide, narrow_out;
   thread_local std::vector<uint8_t> pad;
+  prefetch_head(part, p0, K);
   for (int p = p0; p < p1; ++p) {
     const int width = std::min(PW, R - p * PW);
     const uint8_t* panel = part.q + int64_t(p) * PW * K;

@@ -59,6 +59,7 @@ void run_groups(const float* x, int64_t ldx, int H, std::vector<Group>& groups, 
     up.resize(size_t(std::min(M, BM)) * JB);
     for (int m = 0; m < M; ++m) rows[m] = x + int64_t(G.tok[m]) * ldx;
     float* dst = inter + G.inter_off;
+    prefetch_head(advance(w13, G.I, H), p0, H);  // the up stream's head, while the gate stream starts
     for (int m0 = 0; m0 < M; m0 += BM) {
       const int bm = std::min(BM, M - m0);
       gemm_panels(rows.data() + m0, bm, w13, G.I, H, p0, p1, gate.data(), JB);
