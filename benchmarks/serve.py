@@ -749,6 +749,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--plot-file", type=Path, help="PNG (default: beside the result file, when sweeping)")
     ap.add_argument("--plot", nargs="+", type=Path, metavar="RESULT_JSON",
                     help="only draw the given result files into --plot-file, send nothing")
+    ap.add_argument("--import-vllm", nargs="+", type=Path, metavar="VLLM_JSON",
+                    help="send nothing: convert result files of `vllm bench serve --save-result` (one per "
+                         "concurrency level) into one result file of this script's format (--result-file, "
+                         "--label), so tables compare either client's runs")
     args = ap.parse_args(argv)
     args.goodput = _slos(args.goodput)
     if args.text and not args.tokenizer:
@@ -789,8 +793,54 @@ def _run_loop(main):
     return uvloop.run(main)
 
 
+def from_vllm(doc: dict) -> dict:
+    """One run of this script's format from a `vllm bench serve --save-result` document (its client, its
+    prompts; --percentile-metrics ttft,tpot,itl,e2el --metric-percentiles 90,99 for every percentile here)."""
+    def stats(metric: str) -> dict:
+        return {"mean": doc.get(f"mean_{metric}_ms"), "median": doc.get(f"median_{metric}_ms"),
+                "p90": doc.get(f"p90_{metric}_ms"), "p99": doc.get(f"p99_{metric}_ms")}
+
+    errors: dict[str, int] = {}
+    for e in doc.get("errors") or []:
+        if e:
+            errors[e] = errors.get(e, 0) + 1
+    return {
+        "max_concurrency": doc.get("max_concurrency"),
+        "completed": doc["completed"],
+        "failed": doc.get("failed", doc.get("num_prompts", doc["completed"]) - doc["completed"]),
+        "errors": [{"error": e, "count": n} for e, n in errors.items()],
+        "duration_s": doc["duration"],
+        "prompt_tokens": doc["total_input_tokens"],
+        "output_tokens": doc["total_output_tokens"],
+        "request_throughput": doc["request_throughput"],
+        "output_throughput": doc["output_throughput"],
+        "total_token_throughput": doc["total_token_throughput"],
+        "cached_prompt_share": None,   # vLLM's client does not read usage.prompt_tokens_details
+        "ttft_ms": stats("ttft"), "tpot_ms": stats("tpot"), "itl_ms": stats("itl"), "e2el_ms": stats("e2el"),
+    }
+
+
+def import_vllm(args) -> int:
+    docs = [json.loads(path.read_text()) for path in args.import_vllm]
+    runs = sorted((from_vllm(d) for d in docs), key=lambda r: r["max_concurrency"] or math.inf)
+    meta = {"label": args.label, "client": "vllm bench serve", "model": docs[0].get("model_id"),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),  # when imported, after the runs
+            "vllm_dates": [d.get("date") for d in docs], "imported_from": [str(p) for p in args.import_vllm],
+            "command": " ".join(sys.argv)}
+    if not args.result_file:
+        raise SystemExit("--import-vllm needs --result-file")
+    args.result_file.parent.mkdir(parents=True, exist_ok=True)
+    args.result_file.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
+    for run in runs:
+        print_table(run, None)
+    print(f"results: {args.result_file}")
+    return 1 if any(r["completed"] == 0 for r in runs) else 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.import_vllm:
+        return import_vllm(args)
     if args.plot:
         plot(args.plot, args.plot_file or Path("benchmarks/results/plot.png"))
         return 0

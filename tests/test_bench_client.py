@@ -243,3 +243,59 @@ curl -sf -o /dev/null http://127.0.0.1:{port}/health && echo "server still up" |
     assert chat["meta"]["dataset"] == "chat" and plain["meta"]["dataset"] == "random"
     for doc in (plain, chat):
         assert doc["meta"]["server"]["startup_s"] > 0 and doc["meta"]["server"]["peak_rss_mib"] > 0
+
+
+def _vllm_doc(concurrency, completed, failed=0, errors=()):
+    """A result file as `vllm bench serve --save-result --percentile-metrics ttft,tpot,itl,e2el
+    --metric-percentiles 90,99` writes it (the fields the import reads, plus some it ignores)."""
+    doc = {"date": "20261130-091500", "backend": "openai", "model_id": "bench", "num_prompts": completed + failed,
+           "max_concurrency": concurrency, "duration": 10.0, "completed": completed, "failed": failed,
+           "total_input_tokens": 256 * completed, "total_output_tokens": 128 * completed,
+           "request_throughput": completed / 10.0, "output_throughput": 12.8 * completed,
+           "total_token_throughput": 38.4 * completed, "ttfts": [0.1] * completed,
+           "errors": [""] * completed + list(errors)}
+    for i, metric in enumerate(("ttft", "tpot", "itl", "e2el")):
+        base = 100.0 * (i + 1) + concurrency
+        doc.update({f"mean_{metric}_ms": base, f"median_{metric}_ms": base - 1, f"std_{metric}_ms": 3.0,
+                    f"p90_{metric}_ms": base + 9, f"p99_{metric}_ms": base + 19})
+    return doc
+
+
+def test_vllm_client_results_import_as_ours(tmp_path, capsys):
+    """compare.sh with CLIENT=vllm: `vllm bench serve` result files (one per level, in any order) become one
+    result file of serve.py's format, which the side-by-side tables read unchanged."""
+    files = []
+    for c, done, failed, errors in ((8, 60, 4, ["HTTP 500", "HTTP 500", "timeout", ""]), (1, 64, 0, [])):
+        path = tmp_path / f"c{c}.json"
+        path.write_text(json.dumps(_vllm_doc(c, done, failed, errors)))
+        files.append(path)
+    out = tmp_path / "res" / "engine.json"
+    assert serve.main(["--import-vllm", *map(str, files), "--label", "engine", "--result-file", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["meta"]["label"] == "engine" and doc["meta"]["client"] == "vllm bench serve"
+    one, eight = doc["runs"]
+    assert (one["max_concurrency"], eight["max_concurrency"]) == (1, 8)
+    assert (one["completed"], one["failed"], eight["completed"], eight["failed"]) == (64, 0, 60, 4)
+    assert sorted((e["error"], e["count"]) for e in eight["errors"]) == [("HTTP 500", 2), ("timeout", 1)]
+    assert eight["output_throughput"] == 12.8 * 60 and eight["prompt_tokens"] == 256 * 60
+    assert eight["ttft_ms"] == {"mean": 108.0, "median": 107.0, "p90": 117.0, "p99": 127.0}
+    assert eight["tpot_ms"]["median"] == 207.0 and eight["e2el_ms"]["p99"] == 427.0
+    assert "max concurrency 8" in capsys.readouterr().out
+    # a level that completed nothing fails the import, as it fails a run of our own client
+    (tmp_path / "c32.json").write_text(json.dumps(_vllm_doc(32, 0, 64, ["refused"] * 64)))
+    assert serve.main(["--import-vllm", str(tmp_path / "c32.json"), "--label", "x",
+                       "--result-file", str(tmp_path / "x.json")]) == 1
+
+
+def test_vllm_client_refuses_workloads_it_cannot_run(tmp_path):
+    """CLIENT=vllm runs vLLM's random dataset only: any other serve.py workload is a clear error, not a run of
+    something else under the same name."""
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    for args, said in (("--dataset chat --input-len 6", "random dataset only"),
+                       ("--input-len 6 --shared-len 9", "--shared-len has no vLLM counterpart")):
+        script = f"ROOT={root}; RESULTS={tmp_path}; . $ROOT/benchmarks/bench_lib.sh; vllm_client x {args}"
+        done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "BENCH_CACHE": str(tmp_path / "cache")})
+        assert done.returncode == 2 and said in done.stdout, done.stdout + done.stderr
+    assert not list(tmp_path.glob("*.json"))
