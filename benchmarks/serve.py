@@ -804,10 +804,13 @@ def from_vllm(doc: dict) -> dict:
     for e in doc.get("errors") or []:
         if e:
             errors[e] = errors.get(e, 0) + 1
+    failed = doc.get("failed", doc.get("num_prompts", doc["completed"]) - doc["completed"])
+    if failed > sum(errors.values()):   # vLLM's client records an HTTP error without a reason as ""
+        errors["(vLLM's client recorded no message)"] = failed - sum(errors.values())
     return {
         "max_concurrency": doc.get("max_concurrency"),
         "completed": doc["completed"],
-        "failed": doc.get("failed", doc.get("num_prompts", doc["completed"]) - doc["completed"]),
+        "failed": failed,
         "errors": [{"error": e, "count": n} for e, n in errors.items()],
         "duration_s": doc["duration"],
         "prompt_tokens": doc["total_input_tokens"],

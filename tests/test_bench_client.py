@@ -265,7 +265,7 @@ def test_vllm_client_results_import_as_ours(tmp_path, capsys):
     """compare.sh with CLIENT=vllm: `vllm bench serve` result files (one per level, in any order) become one
     result file of serve.py's format, which the side-by-side tables read unchanged."""
     files = []
-    for c, done, failed, errors in ((8, 60, 4, ["HTTP 500", "HTTP 500", "timeout", ""]), (1, 64, 0, [])):
+    for c, done, failed, errors in ((8, 60, 5, ["HTTP 500", "HTTP 500", "timeout", "", ""]), (1, 64, 0, [])):
         path = tmp_path / f"c{c}.json"
         path.write_text(json.dumps(_vllm_doc(c, done, failed, errors)))
         files.append(path)
@@ -275,8 +275,10 @@ def test_vllm_client_results_import_as_ours(tmp_path, capsys):
     assert doc["meta"]["label"] == "engine" and doc["meta"]["client"] == "vllm bench serve"
     one, eight = doc["runs"]
     assert (one["max_concurrency"], eight["max_concurrency"]) == (1, 8)
-    assert (one["completed"], one["failed"], eight["completed"], eight["failed"]) == (64, 0, 60, 4)
-    assert sorted((e["error"], e["count"]) for e in eight["errors"]) == [("HTTP 500", 2), ("timeout", 1)]
+    assert (one["completed"], one["failed"], eight["completed"], eight["failed"]) == (64, 0, 60, 5)
+    assert one["errors"] == []
+    assert sorted((e["error"], e["count"]) for e in eight["errors"]) == [
+        ("(vLLM's client recorded no message)", 2), ("HTTP 500", 2), ("timeout", 1)]
     assert eight["output_throughput"] == 12.8 * 60 and eight["prompt_tokens"] == 256 * 60
     assert eight["ttft_ms"] == {"mean": 108.0, "median": 107.0, "p90": 117.0, "p99": 127.0}
     assert eight["tpot_ms"]["median"] == 207.0 and eight["e2el_ms"]["p99"] == 427.0
