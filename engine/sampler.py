@@ -159,26 +159,26 @@ def _apply_logit_bias(x: torch.Tensor, rows: list[SamplingRow]) -> None:
 
 
 def _apply_min_tokens(x: torch.Tensor, rows: list[SamplingRow]) -> None:
+    short = [i for i, row in enumerate(rows) if len(row.output_token_ids) < row.params.min_tokens]
+    if not short:
+        return
+    # finite logits per row, in one pass (and one device sync) for all of them: where a grammar's mask left
+    # only stop tokens, the output is complete, and that outranks min_tokens (masking the stops too would leave
+    # nothing to sample)
+    finite = torch.isfinite(x[short])
+    counts = finite.sum(dim=1).tolist()
     entries = []
-    for i, row in enumerate(rows):
-        if len(row.output_token_ids) >= row.params.min_tokens:
-            continue
+    for j, (i, count) in enumerate(zip(short, counts)):
+        row = rows[i]
         stops = (*row.eos_token_ids, *(row.params.stop_token_ids or ()))
-        if not _only_stops_left(x[i], stops):
-            entries += [(i, token) for token in stops]
+        if count <= len(stops):   # few enough to be only stops: look (never for a whole vocabulary)
+            allowed = finite[j].nonzero().flatten().tolist()
+            if allowed and set(stops).issuperset(allowed):
+                continue
+        entries += [(i, token) for token in stops]
     if entries:
         r, t = zip(*entries)
         x[torch.tensor(r, device=x.device), torch.tensor(t, device=x.device)] = NEG_INF
-
-
-def _only_stops_left(row: torch.Tensor, stops: tuple[int, ...]) -> bool:
-    """Whether a grammar's mask left this row only stop tokens: the output is complete, and that outranks
-    min_tokens (masking the stops too would leave nothing to sample)."""
-    finite = torch.isfinite(row)
-    if int(finite.sum()) > len(stops):   # the common case, without listing the vocabulary
-        return False
-    allowed = finite.nonzero().flatten().tolist()
-    return bool(allowed) and set(stops).issuperset(allowed)
 
 
 def _apply_penalties(x: torch.Tensor, rows: list[SamplingRow]) -> None:

@@ -380,29 +380,31 @@ class ResponseBuilder:
                                   arguments=item["arguments"])]
         return events + [self._event("response.output_item.done", output_index=where["output_index"], item=item)]
 
+    def _text(self, reasoning: bool, text: str) -> list[dict]:
+        """Reasoning or message text: into the open item of its type, or a new one (with its content part)."""
+        events = []
+        kind = "reasoning" if reasoning else "message"
+        if self._open is None or self._open["type"] != kind:
+            if reasoning:
+                item = {"id": new_id("rs"), "type": "reasoning", "summary": [],
+                        "content": [{"type": "reasoning_text", "text": ""}], "status": "in_progress"}
+            else:
+                item = {"id": new_id("msg"), "type": "message", "role": "assistant", "status": "in_progress",
+                        "content": [{"type": "output_text", "text": "", "annotations": [], "logprobs": []}]}
+            events += self._add(item)
+            events.append(self._event("response.content_part.added", **self._where(item), content_index=0,
+                                      part=dict(item["content"][0])))
+        self._open["content"][0]["text"] += text
+        extra = {} if reasoning else {"logprobs": []}
+        name = "response.reasoning_text.delta" if reasoning else "response.output_text.delta"
+        events.append(self._event(name, **self._where(self._open), content_index=0, delta=text, **extra))
+        return events
+
     def feed(self, delta: ParsedDelta) -> list[dict]:
         events = []
         for kind, value in delta.ordered():   # in the order the model wrote them: text after a call follows it
-            if kind == "reasoning":
-                if self._open is None or self._open["type"] != "reasoning":
-                    item = {"id": new_id("rs"), "type": "reasoning", "summary": [],
-                            "content": [{"type": "reasoning_text", "text": ""}], "status": "in_progress"}
-                    events += self._add(item)
-                    events.append(self._event("response.content_part.added", **self._where(item), content_index=0,
-                                              part=dict(item["content"][0])))
-                self._open["content"][0]["text"] += value
-                events.append(self._event("response.reasoning_text.delta", **self._where(self._open),
-                                          content_index=0, delta=value))
-            elif kind == "content":
-                if self._open is None or self._open["type"] != "message":
-                    item = {"id": new_id("msg"), "type": "message", "role": "assistant", "status": "in_progress",
-                            "content": [{"type": "output_text", "text": "", "annotations": [], "logprobs": []}]}
-                    events += self._add(item)
-                    events.append(self._event("response.content_part.added", **self._where(item), content_index=0,
-                                              part=dict(item["content"][0])))
-                self._open["content"][0]["text"] += value
-                events.append(self._event("response.output_text.delta", **self._where(self._open), content_index=0,
-                                          delta=value, logprobs=[]))
+            if kind in ("reasoning", "content"):
+                events += self._text(kind == "reasoning", value)
             else:
                 if value.id is not None:   # a call's first piece: its id and name
                     item = {"id": new_id("fc"), "type": "function_call", "call_id": value.id, "name": value.name,
